@@ -1,0 +1,261 @@
+"""Tamper-detection datasets: the annotation format, its validator, and the synthetic default generator.
+
+Annotation format (the forgery pipelines'): one JSON list per split of records
+``{"image_path": str, "label": 1 (tampered) | 0 (real), "mask_path": "<png>" | "HxW" | null}``, where
+"HxW" (e.g. "64x64") stands for an all-zero mask and relative paths are relative to the annotation file.
+A tampered image without a mask is allowed (a warning): later stages use it for classification only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+
+from .config import Section, require
+from .errors import DataError
+from .io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_ZERO_MASK = re.compile(r"^(\d+)x(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec(Section):
+    """Sizes of the synthetic splice / copy-move dataset."""
+
+    key = "dataset.synthetic"
+    seed: int = 0
+    image_size: int = 64
+    train: int = 160
+    val: int = 48
+    test: int = 48
+    splice_fraction: float = 0.5
+
+    def check(self, key: str) -> None:
+        require(self.image_size >= 32, key, "image_size", "must be at least 32")
+        for split in SPLITS:
+            require(getattr(self, split) >= 2, key, split, "must be at least 2 (one real, one tampered)")
+        require(0.0 <= self.splice_fraction <= 1.0, key, "splice_fraction", "must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig(Section):
+    """Where the data comes from: `synthetic`, or a directory holding one annotation file per split."""
+
+    key = "dataset"
+    source: str = "synthetic"
+    splits: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {split: f"{split}.json" for split in SPLITS})
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    def check(self, key: str) -> None:
+        require(set(self.splits) == set(SPLITS), key, "splits", f"must name exactly {', '.join(SPLITS)}")
+
+    def annotation_files(self, synthetic_dir: str | Path) -> dict[str, Path]:
+        root = Path(synthetic_dir if self.source == "synthetic" else self.source)
+        return {split: root / self.splits[split] for split in SPLITS}
+
+
+# ---------------------------------------------------------------- synthetic generator
+
+
+def generate_synthetic(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
+    """Write deterministic train/val/test splits of real and tampered images with their masks.
+
+    Real images are smooth scenes with a few objects and mild sensor noise. Tampered ones carry a region that is
+    either spliced from another scene taken with a different "camera" (blurred, much noisier) or copy-moved within
+    the image and resampled: the noise and resampling inconsistency is the cue a detector can learn.
+    """
+    with atomic_path(out_dir) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        files = {}
+        for split_index, split in enumerate(SPLITS):
+            records = []
+            for i in range(getattr(spec, split)):
+                rng = np.random.default_rng([spec.seed, split_index, i])
+                name = f"{split}_{i:05d}"
+                image, mask, method = _synthetic_sample(rng, spec.image_size, tampered=i % 2 == 1,
+                                                        splice_fraction=spec.splice_fraction)
+                image.save(tmp / "images" / f"{name}.png")
+                record = {"image_path": f"images/{name}.png", "label": int(mask is not None), "method": method}
+                if mask is None:
+                    record["mask_path"] = f"{spec.image_size}x{spec.image_size}"
+                else:
+                    mask.save(tmp / "masks" / f"{name}.png")
+                    record["mask_path"] = f"masks/{name}.png"
+                records.append(record)
+            (tmp / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
+            files[split] = Path(out_dir) / f"{split}.json"
+    return files
+
+
+def _synthetic_sample(rng: np.random.Generator, size: int, tampered: bool, splice_fraction: float):
+    image = _scene(rng, size, noise=3.0)
+    if not tampered:
+        return Image.fromarray(image), None, "real"
+    mask = _region_mask(rng, size)
+    if rng.random() < splice_fraction:
+        donor = Image.fromarray(_scene(rng, size, noise=0.0)).filter(ImageFilter.GaussianBlur(1.5))
+        patch = np.asarray(donor, dtype=np.float32) + rng.normal(0, 24.0, (size, size, 3))
+        method = "splice"
+    else:
+        shift = rng.integers(size // 6, size // 3, 2) * rng.choice([-1, 1], 2)
+        moved = np.roll(image, tuple(shift), axis=(0, 1))
+        scaled = Image.fromarray(moved).resize((size * 5 // 4,) * 2, Image.BICUBIC).crop((0, 0, size, size))
+        patch = np.asarray(scaled, dtype=np.float32) + rng.normal(0, 18.0, (size, size, 3))
+        method = "copy_move"
+    inside = np.asarray(mask, dtype=bool)[..., None]
+    tampered_image = np.where(inside, np.clip(patch, 0, 255), image).astype(np.uint8)
+    return Image.fromarray(tampered_image), mask, method
+
+
+def _scene(rng: np.random.Generator, size: int, noise: float) -> np.ndarray:
+    """A smooth random background with a few soft objects, plus Gaussian sensor noise."""
+    coarse = rng.integers(30, 225, (4, 4, 3), dtype=np.uint8)
+    scene = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    draw = ImageDraw.Draw(scene)
+    for _ in range(rng.integers(2, 5)):
+        x0, y0 = rng.integers(0, size - 8, 2)
+        w, h = rng.integers(6, size // 2, 2)
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((int(x0), int(y0), int(x0 + w), int(y0 + h)), fill=color)
+    scene = scene.filter(ImageFilter.GaussianBlur(0.8))
+    pixels = np.asarray(scene, dtype=np.float32) + rng.normal(0, noise, (size, size, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _region_mask(rng: np.random.Generator, size: int) -> Image.Image:
+    """A rectangle or ellipse covering roughly 6-20% of the image, as an L-mode 0/255 mask."""
+    w, h = rng.integers(size // 4, size * 9 // 20, 2)
+    x0, y0 = rng.integers(0, size - w), rng.integers(0, size - h)
+    mask = Image.new("L", (size, size), 0)
+    shape = ImageDraw.Draw(mask).ellipse if rng.random() < 0.5 else ImageDraw.Draw(mask).rectangle
+    shape((int(x0), int(y0), int(x0 + w), int(y0 + h)), fill=255)
+    return mask
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_dataset(annotation_files: dict[str, str | Path]) -> dict:
+    """Check every record of every split and return the manifest (resolved paths, counts, warnings).
+
+    Errors (DataError naming the file): unreadable annotation file, record of the wrong form, label not 0/1,
+    missing or unreadable image, unreadable mask or one whose size differs from its image, empty split,
+    an image listed twice (within or across splits).
+    """
+    manifest = {"splits": {}, "warnings": []}
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        path = Path(annotation_files[split])
+        records = [_validate_record(record, i, path, manifest["warnings"]) for i, record in enumerate(_read_list(path))]
+        if not records:
+            raise DataError(f"{path}: split '{split}' is empty")
+        for record in records:
+            if record["image_path"] in seen:
+                raise DataError(f"{path}: image {record['image_path']} is listed twice "
+                                f"(also in split '{seen[record['image_path']]}')")
+            seen[record["image_path"]] = split
+        manifest["splits"][split] = {
+            "annotation_file": str(path.resolve()),
+            "count": len(records),
+            "tampered": sum(r["label"] for r in records),
+            "real": sum(1 - r["label"] for r in records),
+            "with_mask": sum(r["mask_path"] is not None for r in records),
+            "records": records,
+        }
+    for warning in manifest["warnings"]:
+        log.warning(warning)
+    return manifest
+
+
+def _read_list(path: Path) -> list:
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: must hold a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def _validate_record(record, index: int, path: Path, warnings: list[str]) -> dict:
+    where = f"{path}: record {index}"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: must be an object, got {type(record).__name__}")
+    if not isinstance(record.get("image_path"), str):
+        raise DataError(f"{where}: 'image_path' must be a string")
+    label = record.get("label")
+    if type(label) is not int or label not in (0, 1):
+        raise DataError(f"{where}: 'label' must be 0 (real) or 1 (tampered), got {label!r}")
+    image_path = (path.parent / record["image_path"]).resolve()
+    width, height = _image_size(image_path, f"{where}: image")
+    mask_path = record.get("mask_path")
+    if mask_path is None or (isinstance(mask_path, str) and not _ZERO_MASK.match(mask_path)
+                             and not (path.parent / mask_path).exists()):
+        if label == 1:
+            warnings.append(f"{where}: tampered image {image_path.name} has no mask; "
+                            "used for classification only")
+            mask_path = None
+        else:
+            mask_path = f"{height}x{width}"
+    elif not isinstance(mask_path, str):
+        raise DataError(f"{where}: 'mask_path' must be a string, \"HxW\" or null")
+    elif match := _ZERO_MASK.match(mask_path):
+        if (int(match[1]), int(match[2])) != (height, width):
+            raise DataError(f"{where}: mask size {mask_path} does not match image size {height}x{width}")
+    else:
+        mask_file = (path.parent / mask_path).resolve()
+        if _image_size(mask_file, f"{where}: mask") != (width, height):
+            raise DataError(f"{where}: mask {mask_file} size does not match image {image_path} ({height}x{width})")
+        mask_path = str(mask_file)
+    return {"image_path": str(image_path), "label": label, "mask_path": mask_path, "height": height, "width": width}
+
+
+def _image_size(path: Path, what: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return image.size
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"{what} {path} is unreadable ({err})") from None
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """An RGB image resized to `size` x `size`."""
+    with Image.open(path) as image:
+        return image.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+def load_mask(mask_path: str | None, size: int) -> np.ndarray | None:
+    """A float mask in [0, 1] of shape [size, size]; None when the record has no mask."""
+    if mask_path is None:
+        return None
+    if _ZERO_MASK.match(mask_path):
+        return np.zeros((size, size), dtype=np.float32)
+    with Image.open(mask_path) as mask:
+        resized = mask.convert("L").resize((size, size), Image.BILINEAR)
+    return (np.asarray(resized, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
+
+
+def prepare_dataset(cfg: DatasetConfig, synthetic_dir: str | Path | None, out_manifest: str | Path) -> dict:
+    """Validate the configured annotations and write the manifest (resolved paths, counts, warnings)."""
+    manifest = validate_dataset(cfg.annotation_files(synthetic_dir or ""))
+    write_json(out_manifest, {**manifest, "source": cfg.source})
+    for split, info in manifest["splits"].items():
+        log.info("%s: %d images (%d tampered, %d with mask)", split, info["count"], info["tampered"], info["with_mask"])
+    return manifest

@@ -1,0 +1,265 @@
+"""Base models: build the tiny default, describe a local checkpoint, and load either the same way.
+
+The tiny model is a real `Qwen2_5_VLForConditionalGeneration` with random weights, a byte-level BPE tokenizer
+trained locally that carries the Qwen chat special tokens, a PIL image processor and the Qwen chat template, all
+written with `save_pretrained`. Everything downstream loads it with `from_pretrained`, exactly like a downloaded
+Qwen2.5-VL / Qwen3-VL / Qwen2.5 checkpoint. Nothing here touches a model hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .config import Section, require
+from .errors import CheckpointError
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+# The Qwen2-VL / Qwen2.5-VL chat template (images and videos become pad tokens the processor expands).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# What the tokenizer of the tiny model is trained on: the prompts and answers the workflow uses, plus filler.
+TOKENIZER_CORPUS = (
+    "You are a helpful assistant.",
+    "Is this image real or tampered? Answer with one word.",
+    "Where is the tampered region? The image is real. The image is tampered.",
+    "Yes No real tampered fake authentic spliced copied moved region top bottom left right centre",
+    "A vision-language model reads an image and answers a question about it in a few words.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelSpec(Section):
+    """Sizes of the tiny random-weight Qwen2.5-VL used by the embedded default."""
+
+    key = "model.tiny"
+    seed: int = 0
+    patch_size: int = 4
+    vision_depth: int = 4
+    vision_hidden_size: int = 64
+    vision_heads: int = 2
+    text_hidden_size: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int = 512
+
+    def check(self, key: str) -> None:
+        for name in ("patch_size", "vision_depth", "vision_hidden_size", "vision_heads", "text_hidden_size",
+                     "text_layers", "text_heads", "text_kv_heads"):
+            require(getattr(self, name) >= 1, key, name, "must be at least 1")
+        require(self.vision_hidden_size % self.vision_heads == 0, key, "vision_hidden_size",
+                "must be divisible by vision_heads")
+        require(self.text_hidden_size % self.text_heads == 0, key, "text_hidden_size",
+                "must be divisible by text_heads")
+        require(self.text_heads % self.text_kv_heads == 0, key, "text_kv_heads", "must divide text_heads")
+        require((self.text_hidden_size // self.text_heads) % 8 == 0, key, "text_hidden_size",
+                "head dimension (text_hidden_size / text_heads) must be a multiple of 8 for multimodal RoPE")
+        require(self.vocab_size >= 300, key, "vocab_size", "must be at least 300 (256 bytes + special tokens)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+    """Which base model the study starts from: `tiny`, or the path of a local checkpoint directory."""
+
+    key = "model"
+    source: str = "tiny"
+    modality: Literal["vision_language", "text"] = "vision_language"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    tiny: TinyModelSpec = TinyModelSpec()
+
+    def check(self, key: str) -> None:
+        require(self.source == "tiny" or self.source.strip() != "", key, "source", "must be 'tiny' or a directory")
+        require(self.source != "tiny" or self.modality == "vision_language", key, "modality",
+                "the tiny model is a vision-language model")
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
+    """Build the tiny Qwen2.5-VL (model, tokenizer, image processor, chat template) into `out_dir`."""
+    torch.manual_seed(spec.seed)
+    tokenizer = _train_tokenizer(spec.vocab_size)
+    token_id = tokenizer.convert_tokens_to_ids
+    half_head_dim = spec.text_hidden_size // spec.text_heads // 2
+    mrope = [half_head_dim // 4, (half_head_dim - half_head_dim // 4) // 2]
+    mrope.append(half_head_dim - sum(mrope))
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=spec.vision_depth, hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
+            num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=4 * spec.patch_size, out_hidden_size=spec.text_hidden_size,
+            fullatt_block_indexes=list(range(1, spec.vision_depth, 2)),
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=spec.text_hidden_size,
+            intermediate_size=2 * spec.text_hidden_size, num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads, max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+            pad_token_id=token_id("<|endoftext|>"),
+        ),
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    image_processor = transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
+        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
+    processor = image_only_processor_class(transformers.Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    log.info("built tiny Qwen2.5-VL with %d parameters in %s", model.num_parameters(), out_dir)
+    return Path(out_dir)
+
+
+def _train_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `TOKENIZER_CORPUS` that carries the Qwen special tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(TOKENIZER_CORPUS * 4, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+
+
+@cache
+def image_only_processor_class(base: type) -> type:
+    """A subclass of a Qwen-VL processor class that needs no video processor (which would need torchvision).
+
+    It keeps the base class's name, so the saved `processor_config.json` stays loadable by `AutoProcessor`
+    wherever torchvision is installed.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The checkpoint's `config.json`; CheckpointError if the directory is not a transformers checkpoint."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model checkpoint directory does not exist")
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (not a transformers checkpoint directory)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err.msg} at line {err.lineno})") from err
+
+
+def describe_checkpoint(path: str | Path, modality: str) -> dict:
+    """Check a local checkpoint directory and summarise it (architecture, sizes, weight files).
+
+    Only safetensors weights are accepted (no pickle); a vision-language config must have a `vision_config`.
+    """
+    path = Path(path).resolve()
+    config = read_model_config(path)
+    weights = sorted(p.name for p in path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted(set(json.loads(index.read_text())["weight_map"].values()) - set(weights))
+        if missing:
+            raise CheckpointError(f"{index}: names shard {missing[0]}, which is missing")
+    is_vision = "vision_config" in config
+    if modality == "vision_language" and not is_vision:
+        raise CheckpointError(f"{path / 'config.json'}: no vision_config, but model.modality is vision_language")
+    if modality == "text" and is_vision:
+        raise CheckpointError(f"{path / 'config.json'}: has a vision_config, but model.modality is text")
+    text_config = config.get("text_config", config)
+    return {
+        "path": str(path),
+        "modality": modality,
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures", []),
+        "text_hidden_size": text_config.get("hidden_size"),
+        "text_layers": text_config.get("num_hidden_layers"),
+        "vision_hidden_size": config.get("vision_config", {}).get("out_hidden_size")
+        or config.get("vision_config", {}).get("hidden_size"),
+        "weight_files": {name: (path / name).stat().st_size for name in weights},
+    }
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's processor (vision-language, without video processor) or tokenizer (text-only)."""
+    config = read_model_config(path)
+    if "vision_config" not in config:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor_config = Path(path) / "processor_config.json"
+    name = json.loads(processor_config.read_text()).get("processor_class") if processor_config.is_file() else None
+    name = name or _PROCESSOR_BY_MODEL_TYPE.get(config.get("model_type"))
+    base = getattr(transformers, name or "", None)
+    if base is None:
+        raise CheckpointError(f"{path}: cannot tell which processor class serves model_type {config.get('model_type')!r}")
+    return image_only_processor_class(base).from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+_PROCESSOR_BY_MODEL_TYPE = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
+}
+
+
+def load_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load a vision-language (image-text-to-text) or causal LM checkpoint with `from_pretrained`."""
+    config = read_model_config(path)
+    auto = (transformers.AutoModelForImageTextToText if "vision_config" in config
+            else transformers.AutoModelForCausalLM)
+    try:
+        return auto.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be loaded ({str(err).splitlines()[0]})") from err
+
+
+def prepare_model(cfg: ModelConfig, tiny_dir: str | Path | None, out_json: str | Path) -> dict:
+    """Describe the base model (the built tiny one, or the local checkpoint `cfg.source`) into `out_json`."""
+    from .io import write_json
+
+    path = tiny_dir if cfg.source == "tiny" else cfg.source
+    info = {**describe_checkpoint(path, cfg.modality), "source": cfg.source, "dtype": cfg.dtype,
+            "trust_remote_code": cfg.trust_remote_code}
+    write_json(out_json, info)
+    log.info("base model %s (%s)", info["path"], info["model_type"])
+    return info

@@ -1,0 +1,184 @@
+"""The ablation report: one self-contained HTML page (inline CSS, embedded PNGs) rendered from the stages' JSON.
+
+Each stage contributes a `ReportSection` built from its JSON outputs; `render_report` puts the provenance header and
+the sections into one page.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import importlib.metadata
+import io
+import platform
+import subprocess
+from pathlib import Path
+
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import SPLITS, load_image, load_mask  # noqa: E402
+from .io import atomic_path  # noqa: E402
+
+PACKAGES = ("lowrank_core", "torch", "transformers", "peft", "accelerate", "safetensors", "snakemake",
+            "scikit-learn", "pandas", "numpy", "matplotlib", "pillow")
+
+
+@dataclasses.dataclass
+class ReportSection:
+    title: str
+    html: str
+
+
+def provenance(config_hash: str, source_dir: str | Path) -> dict:
+    """Config hash, package versions, git commit of the workflow's source, and the platform."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown (not a git checkout)", False
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "config_hash": config_hash,
+        "git_commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def render_report(out_html: str | Path, prov: dict, sections: list[ReportSection]) -> None:
+    """Write the whole report page atomically."""
+    page = _TEMPLATE.render(prov=prov, sections=sections)
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(page)
+
+
+def table(rows: list[dict], columns: list[str] | None = None, float_format: str = "{:.4g}") -> str:
+    """An HTML table from a list of dicts (numbers formatted, everything escaped)."""
+    columns = columns or (list(rows[0]) if rows else [])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(row.get(c), float_format)}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value, float_format: str) -> str:
+    if isinstance(value, float):
+        return float_format.format(value)
+    return html.escape("" if value is None else str(value))
+
+
+def figure_html(fig: plt.Figure, alt: str) -> str:
+    """Embed a matplotlib figure as a PNG data URI and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def png_html(path: str | Path, alt: str) -> str:
+    """Embed a PNG file written by a stage."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def dataset_section(manifest: dict, examples: int = 4) -> ReportSection:
+    """Counts per split, warnings, and a few real / tampered examples with their masks."""
+    rows = [{"split": split, **{k: info[k] for k in ("count", "real", "tampered", "with_mask")}}
+            for split, info in manifest["splits"].items()]
+    records = manifest["splits"]["train"]["records"]
+    chosen = ([r for r in records if r["label"] == 0][: examples // 2]
+              + [r for r in records if r["label"] == 1 and r["mask_path"]][: examples - examples // 2])
+    fig, axes = plt.subplots(2, len(chosen), figsize=(2.2 * len(chosen), 4.4), squeeze=False)
+    for column, record in enumerate(chosen):
+        size = max(record["height"], record["width"])
+        axes[0, column].imshow(load_image(record["image_path"], size))
+        axes[0, column].set_title("tampered" if record["label"] else "real", fontsize=9)
+        axes[1, column].imshow(load_mask(record["mask_path"], size), cmap="gray", vmin=0, vmax=1)
+        axes[1, column].set_title("mask", fontsize=9)
+    for axis in axes.flat:
+        axis.axis("off")
+    warnings = manifest.get("warnings", [])
+    warning_html = (f"<p>{len(warnings)} warning(s):</p><ul>"
+                    + "".join(f"<li>{html.escape(w)}</li>" for w in warnings[:20]) + "</ul>") if warnings else ""
+    body = (f"<p>Source: <code>{html.escape(manifest['source'])}</code></p>" + table(rows) + warning_html
+            + figure_html(fig, "dataset examples"))
+    return ReportSection("Dataset", body)
+
+
+def features_section(stats: dict[str, dict]) -> ReportSection:
+    """Feature shapes and statistics per split, and the spectrum of the token features."""
+    keys = ("images", "tokens_per_image", "channels", "grid_h", "grid_w", "mean", "std", "token_norm_mean",
+            "rank_90", "rank_99", "effective_rank")
+    rows = [{"split": split, **{k: stats[split][k] for k in keys}} for split in SPLITS if split in stats]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for split in rows:
+        s = stats[split["split"]]
+        left.semilogy(np.arange(1, len(s["spectrum"]) + 1), s["spectrum"], label=split["split"])
+        right.plot(np.arange(1, len(s["per_image_energy_cumulative"]) + 1), s["per_image_energy_cumulative"],
+                   label=f"{split['split']} per image")
+        right.plot(np.arange(1, len(s["energy_cumulative"]) + 1), s["energy_cumulative"], "--",
+                   label=f"{split['split']} all tokens")
+    left.set(title="singular values of centred token features", xlabel="index", ylabel="σ")
+    right.set(title="energy captured vs rank", xlabel="rank", ylabel="cumulative energy", ylim=(0, 1.01))
+    left.legend(fontsize=8)
+    right.legend(fontsize=7)
+    intro = ("<p>Vision tokens after the patch merger, cached per split. <em>rank_90 / rank_99</em>: components of "
+             "the centred token cloud holding 90% / 99% of its energy; <em>effective_rank</em>: exp of the spectral "
+             "entropy.</p>")
+    return ReportSection("Vision features", intro + table(rows) + figure_html(fig, "feature spectrum"))
+
+
+_TEMPLATE = jinja2.Environment(autoescape=False).from_string("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Low-rank / LoRA ablation report</title>
+<style>
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+code{background:#f5f5f5;padding:0 .2em}details{margin:.5em 0}nav a{margin-right:1em}
+</style></head><body>
+<h1>Low-rank / LoRA ablation report</h1>
+<nav>{% for s in sections %}<a href="#s{{ loop.index }}">{{ s.title }}</a>{% endfor %}</nav>
+<h2>Provenance</h2>
+<table><tbody>
+<tr><th>config hash</th><td><code>{{ prov.config_hash }}</code></td></tr>
+<tr><th>git commit</th><td><code>{{ prov.git_commit }}</code></td></tr>
+<tr><th>python / platform</th><td>{{ prov.python }} / {{ prov.platform }}</td></tr>
+<tr><th>rendered</th><td>{{ prov.rendered_at }}</td></tr>
+</tbody></table>
+<details><summary>package versions</summary><table><tbody>
+{% for name, version in prov.versions.items() %}<tr><th>{{ name }}</th><td>{{ version }}</td></tr>{% endfor %}
+</tbody></table></details>
+{% for s in sections %}<h2 id="s{{ loop.index }}">{{ s.title }}</h2>
+{{ s.html }}
+{% endfor %}
+</body></html>
+""")
+
+
+def write_report(out_html: str | Path, inputs: dict[str, str], config_hash: str, source_dir: str | Path) -> None:
+    """Render the report from the named stage outputs present in `inputs`."""
+    from .io import read_json
+
+    sections = [dataset_section(read_json(inputs["manifest"]))]
+    stats = {split: read_json(inputs[f"stats_{split}"]) for split in SPLITS if f"stats_{split}" in inputs}
+    if stats:
+        sections.append(features_section(stats))
+    render_report(out_html, provenance(config_hash, source_dir), sections)

@@ -1,0 +1,37 @@
+"""What every workflow script does around its one library call: logging, threads, clean failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from .errors import LowrankError
+
+log = logging.getLogger("lowrank_core")
+
+
+def run_step(step: Callable[[], object], log_file: str | None, threads: int) -> None:
+    """Run `step` with logging to `log_file` and stderr and `threads` torch threads.
+
+    A `LowrankError` (bad config, data or checkpoint) ends the process with its one-line message and exit code 1;
+    anything else is a bug and keeps its traceback.
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    try:
+        step()
+    except LowrankError as err:
+        log.error("%s", err)
+        sys.exit(1)
+

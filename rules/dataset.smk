@@ -1,0 +1,39 @@
+"""Dataset: generate the synthetic default, then validate whichever annotations into a manifest."""
+
+
+rule make_synthetic_dataset:
+    output:
+        directory("data/synthetic"),
+    params:
+        synthetic=config_slice("dataset", "synthetic"),
+    threads: rule_threads("make_synthetic_dataset")
+    resources:
+        **rule_resources("make_synthetic_dataset"),
+    log:
+        log_path("make_synthetic_dataset"),
+    benchmark:
+        benchmark_path("make_synthetic_dataset")
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/make_synthetic_dataset.py"
+
+
+rule prepare_dataset:
+    input:
+        annotation_input,
+    output:
+        "results/dataset/manifest.json",
+    params:
+        dataset=config_slice("dataset"),
+    threads: rule_threads("prepare_dataset")
+    resources:
+        **rule_resources("prepare_dataset"),
+    log:
+        log_path("prepare_dataset"),
+    benchmark:
+        benchmark_path("prepare_dataset")
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/prepare_dataset.py"

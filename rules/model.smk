@@ -1,0 +1,39 @@
+"""Base model: build the tiny default, or check a local checkpoint; either way describe it in model.json."""
+
+
+rule build_tiny_model:
+    output:
+        directory("data/models/tiny"),
+    params:
+        tiny=config_slice("model", "tiny"),
+    threads: rule_threads("build_tiny_model")
+    resources:
+        **rule_resources("build_tiny_model"),
+    log:
+        log_path("build_tiny_model"),
+    benchmark:
+        benchmark_path("build_tiny_model")
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/build_tiny_model.py"
+
+
+rule prepare_model:
+    input:
+        model_checkpoint_input,
+    output:
+        "results/model/model.json",
+    params:
+        model=config_slice("model"),
+    threads: rule_threads("prepare_model")
+    resources:
+        **rule_resources("prepare_model"),
+    log:
+        log_path("prepare_model"),
+    benchmark:
+        benchmark_path("prepare_model")
+    conda:
+        "../environment.yml"
+    script:
+        "../workflow_scripts/prepare_model.py"

@@ -1,0 +1,72 @@
+"""The tiny model: built, saved and loaded back like any downloaded checkpoint; checkpoint checks."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from lowrank_core.errors import CheckpointError
+from lowrank_core.modeling import describe_checkpoint, load_model, load_processor
+
+
+def test_tiny_model_round_trips_through_from_pretrained(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    model = load_model(tiny_model_dir).eval()
+    again = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    assert isinstance(model, transformers.Qwen2_5_VLForConditionalGeneration)
+    processor = load_processor(tiny_model_dir)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this image real or tampered?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt",
+                       images_kwargs={"size": {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}})
+    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    assert image_tokens == 8 * 8  # the vision token grid of the default is 8x8 per image
+    assert inputs["mm_token_type_ids"].sum().item() == image_tokens
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert torch.equal(logits, again(**inputs).logits)
+    assert logits.shape[-1] == model.config.text_config.vocab_size
+    assert "torchvision" not in sys.modules
+
+
+def test_tokenizer_carries_the_qwen_chat_tokens(tiny_model_dir):
+    tokenizer = load_processor(tiny_model_dir).tokenizer
+    for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+        assert len(tokenizer(token)["input_ids"]) == 1, token
+    assert tokenizer.decode(tokenizer("The image is tampered.")["input_ids"]) == "The image is tampered."
+
+
+def test_checkpoint_description(tiny_model_dir):
+    info = describe_checkpoint(tiny_model_dir, "vision_language")
+    assert info["model_type"] == "qwen2_5_vl" and info["weight_files"]["model.safetensors"] > 0
+    with pytest.raises(CheckpointError, match="no vision_config, but model.modality is vision_language|"
+                                              "has a vision_config, but model.modality is text"):
+        describe_checkpoint(tiny_model_dir, "text")
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "model checkpoint directory does not exist"),
+        (lambda d: d.mkdir(), r"config\.json: missing"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text("{")), r"config\.json: not valid JSON"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
+         r"no \*\.safetensors weights \(pickled \.bin checkpoints are not loaded\)"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "model-1.safetensors").write_bytes(b"x"),
+                    (d / "model.safetensors.index.json").write_text(
+                        '{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}')),
+         r"names shard model-2\.safetensors, which is missing"),
+    ],
+)
+def test_bad_checkpoints_are_refused(tmp_path, setup, message):
+    checkpoint = tmp_path / "ckpt"
+    setup(checkpoint)
+    with pytest.raises(CheckpointError, match=message):
+        describe_checkpoint(checkpoint, "text")
