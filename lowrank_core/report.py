@@ -100,8 +100,8 @@ def png_html(path: str | Path, alt: str) -> str:
 
 def dataset_section(manifest: dict, examples: int = 4) -> ReportSection:
     """Counts per split, warnings, and a few real / tampered examples with their masks."""
-    rows = [{"split": split, **{k: info[k] for k in ("count", "real", "tampered", "with_mask")}}
-            for split, info in manifest["splits"].items()]
+    rows = [{"split": split, **{k: manifest["splits"][split][k] for k in ("count", "real", "tampered", "with_mask")}}
+            for split in SPLITS]
     records = manifest["splits"]["train"]["records"]
     chosen = ([r for r in records if r["label"] == 0][: examples // 2]
               + [r for r in records if r["label"] == 1 and r["mask_path"]][: examples - examples // 2])
