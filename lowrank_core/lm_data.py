@@ -1,0 +1,103 @@
+"""Language-model supervision in the model's chat format: question (with the image) in, one answer word out.
+
+Each record becomes the chat ``user: [image] question`` / ``assistant: answer``, where the answer is the
+positive word for a tampered image and the negative word for a real one. Only the answer tokens (the word and
+the template's end-of-turn token) carry labels; everything else, padding included, is -100. Text-only causal
+LMs get the question alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .data import load_image
+from .errors import CheckpointError
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class ChatBatcher:
+    """Collate manifest records into right-padded chat batches with answer-only labels.
+
+    `processor` is a vision-language processor (then `image_size` is the square side images are resized to)
+    or a tokenizer with a chat template (then `image_size` is None and no image is used).
+    """
+
+    processor: Any
+    question: str
+    positive_word: str
+    negative_word: str
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.prompt_text = self.processor.apply_chat_template(self._messages(), add_generation_prompt=True,
+                                                              tokenize=False)
+        self.answer_ids = {label: self._answer_ids(word)
+                           for label, word in ((1, self.positive_word), (0, self.negative_word))}
+
+    def _messages(self, answer: str | None = None) -> list[dict]:
+        if self.image_size is None:
+            user = {"role": "user", "content": self.question}
+        else:
+            user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}
+        if answer is None:
+            return [user]
+        return [user, {"role": "assistant", "content": answer if self.image_size is None
+                       else [{"type": "text", "text": answer}]}]
+
+    def _answer_ids(self, word: str) -> list[int]:
+        """Token ids of the assistant turn the chat template writes for `word` (trailing whitespace dropped)."""
+        full = self.processor.apply_chat_template(self._messages(word), tokenize=False)
+        if not full.startswith(self.prompt_text):
+            raise CheckpointError("the chat template does not extend the generation prompt with the answer; "
+                                  "answer-only labels cannot be located")
+        return self.tokenizer(full[len(self.prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+
+    def encode(self, record: dict) -> dict[str, torch.Tensor]:
+        """One record as unpadded tensors: the prompt (with image inputs) followed by its answer."""
+        if self.image_size is None:
+            inputs = self.tokenizer(self.prompt_text, add_special_tokens=False, return_tensors="pt")
+        else:
+            pixels = self.image_size * self.image_size
+            inputs = self.processor(text=[self.prompt_text], images=[load_image(record["image_path"], self.image_size)],
+                                    images_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
+                                    add_special_tokens=False, return_tensors="pt")
+        prompt_length = inputs["input_ids"].shape[1]
+        answer = torch.tensor(self.answer_ids[record["label"]])
+        encoded = {}
+        for key, value in inputs.items():
+            if value.shape == (1, prompt_length):  # per-token inputs: extend over the answer
+                filler = answer if key == "input_ids" else torch.full_like(answer, int(key == "attention_mask"))
+                encoded[key] = torch.cat([value[0], filler.to(value.dtype)])
+            else:  # image inputs (pixel_values, image_grid_thw)
+                encoded[key] = value
+        encoded["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer])
+        return encoded
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        """A batch: per-token tensors right-padded (pad id, attention 0, label -100), image inputs concatenated."""
+        encoded = [self.encode(record) for record in records]
+        length = max(len(e["input_ids"]) for e in encoded)
+        pad_values = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}
+        batch = {}
+        for key in encoded[0]:
+            values = [e[key] for e in encoded]
+            if values[0].ndim == 1:
+                batch[key] = torch.stack([torch.nn.functional.pad(v, (0, length - len(v)), value=pad_values.get(key, 0))
+                                          for v in values])
+            else:
+                batch[key] = torch.cat(values)
+        return batch
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own causal-LM loss: mean cross-entropy over the labelled (answer) tokens."""
+    return model(**batch, use_cache=False).loss

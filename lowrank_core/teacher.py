@@ -1,0 +1,55 @@
+"""The teacher: full-parameter supervised fine-tuning of the base model, the target LoRA runs are measured against."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import __version__
+from .io import atomic_path, read_json, write_json
+from .lm_data import ChatBatcher, lm_loss
+from .modeling import load_model, load_processor
+from .training import Batches, TrainConfig, train_loop, write_history
+
+log = logging.getLogger(__name__)
+
+
+def train_teacher(model_info_json: str | Path, manifest_json: str | Path, cfg: TrainConfig, image_size: int,
+                  out_dir: str | Path, state_dir: str | Path, log_dir: str | Path) -> dict:
+    """Fine-tune every parameter of the base model to answer `cfg.question` with the label's word.
+
+    Writes `out_dir` atomically: the model and processor (`save_pretrained`, safetensors), `history.csv` and
+    `train_summary.json`; TensorBoard events go to `log_dir`, resumable checkpoints to `state_dir`.
+    Returns the summary.
+    """
+    info = read_json(model_info_json)
+    splits = read_json(manifest_json)["splits"]
+    trust_remote_code = info.get("trust_remote_code", False)
+    processor = load_processor(info["path"], trust_remote_code)
+    model = load_model(info["path"], info["dtype"], trust_remote_code)
+    is_vision = hasattr(processor, "image_processor")
+    batcher = ChatBatcher(processor, cfg.question, cfg.positive_word, cfg.negative_word,
+                          image_size if is_vision else None)
+    train = Batches(splits["train"]["records"], cfg.batch_size, batcher, seed=cfg.seed)
+    val = Batches(splits["val"]["records"], cfg.batch_size, batcher)
+    identity = {"model": info["path"], "dtype": info["dtype"], "image_size": image_size if is_vision else None,
+                "train_images": [r["image_path"] for r in train.items]}
+    result = train_loop(model, lm_loss, train, val, cfg, state_dir, log_dir, identity=identity)
+    last = result.history[-1]
+    val_losses = [row["val_loss"] for row in result.history if row["val_loss"] is not None]
+    summary = {
+        "model": info["path"], "dtype": info["dtype"], "image_size": image_size if is_vision else None,
+        "steps": last["step"], "final_loss": last["loss"], "final_val_loss": last["val_loss"],
+        "best_val_loss": min(val_losses), "resumed_from_step": result.resumed_from_step,
+        "train_seconds": result.seconds, "device": result.device, "mixed_precision": result.mixed_precision,
+        "trainable_parameters": result.trainable_parameters, "peak_memory_mb": result.peak_memory_mb,
+        "config": cfg.to_dict(), "lowrank_core_version": __version__,
+    }
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_history(result.history, tmp / "history.csv")
+        write_json(tmp / "train_summary.json", summary)
+    log.info("teacher: %d steps, loss %.4f, val loss %.4f -> %s", summary["steps"], summary["final_loss"],
+             summary["final_val_loss"], out_dir)
+    return summary

@@ -1,0 +1,286 @@
+"""The shared training loop: AdamW, warm-up + cosine schedule, gradient accumulation, mixed precision, resumable.
+
+`train_loop` is model-agnostic: it trains whatever parameters of `model` require grad (all of them for the
+teacher's full fine-tune, the adapters for LoRA) on the batches of a `Batches` source, minimising
+`loss_fn(model, batch)`. Resumable state lives in `state_dir/checkpoint` as safetensors + JSON (no pickle):
+the trainable weights, the AdamW moments, the RNG states, the schedule, the step and the history so far.
+Batches are reshuffled per epoch from `seed + epoch`, so a resumed run sees exactly the batches an
+uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .config import Section, require
+from .errors import CheckpointError, ConfigError, LowrankError
+from .io import atomic_path, load_tensors, read_json, save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss")
+Batch = dict[str, Any]
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """Optimisation settings of a fine-tuning run, and the question / answer words of its LM supervision."""
+
+    key = "teacher"
+    max_steps: int = 30
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 3
+    max_grad_norm: float = 1.0
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    positive_word: str = "tampered"
+    negative_word: str = "real"
+    question: str = "Is this image real or tampered? Answer with one word."
+
+    def check(self, key: str) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+            require(getattr(self, name) >= 1, key, name, "must be at least 1")
+        require(self.lr > 0, key, "lr", "must be positive")
+        require(self.weight_decay >= 0, key, "weight_decay", "must not be negative")
+        require(0 <= self.warmup_steps <= self.max_steps, key, "warmup_steps", "must be in [0, max_steps]")
+        require(self.max_grad_norm >= 0, key, "max_grad_norm", "must not be negative (0 turns clipping off)")
+        for name in ("positive_word", "negative_word", "question"):
+            require(getattr(self, name).strip() != "", key, name, "must not be empty")
+        require(self.positive_word != self.negative_word, key, "negative_word", "must differ from positive_word")
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """`items` cut into batches by `collate`; shuffled per epoch from `seed + epoch`, in order when seed is None.
+
+    `collate` returns a dict whose first tensor has the batch dimension first (it sets the samples/s count).
+    """
+
+    items: Sequence
+    batch_size: int
+    collate: Callable[[list], Batch]
+    seed: int | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        if self.seed is None:
+            order = range(len(self.items))
+        else:
+            order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        picked = order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.collate([self.items[i] for i in picked])
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self.batch(0, i) for i in range(len(self)))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished `train_loop` reports; the model passed in holds the trained weights."""
+
+    history: list[dict]
+    resumed_from_step: int
+    seconds: float
+    device: str
+    mixed_precision: str
+    trainable_parameters: int
+    peak_memory_mb: float | None
+
+
+def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, val_batches: Batches,
+               cfg: TrainConfig, state_dir: str | Path, log_dir: str | Path,
+               identity: dict | None = None) -> TrainResult:
+    """Train `model` in place for `cfg.max_steps` optimiser steps, resuming from `state_dir` when it holds a
+    checkpoint of the same run (same `cfg` and `identity`, any JSON describing the model and data).
+
+    Each step averages `cfg.grad_accum` micro-batches; the validation loss is computed every `cfg.eval_every`
+    steps and after the last. A non-finite training loss raises LowrankError. TensorBoard events go to `log_dir`.
+    """
+    set_seed(cfg.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg))
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError("model has no trainable parameters")
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    run = {"config": cfg.to_dict(), "identity": identity or {}}
+    checkpoint = Path(state_dir) / "checkpoint"
+    history, step = _load_checkpoint(checkpoint, run, named, optimizer, scheduler, accelerator)
+    resumed_from = step
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    writer = SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
+    started = time.perf_counter()
+    progress = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step")
+    try:
+        while step < cfg.max_steps:
+            model.train()
+            step_started = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            losses, samples = [], 0
+            for micro in range(cfg.grad_accum):
+                batch = _to_device(train_batches.batch(*divmod(step * cfg.grad_accum + micro, len(train_batches))),
+                                   accelerator.device)
+                sync = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss = loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        raise LowrankError(f"training loss is {loss.item()} at step {step + 1} (lr {lr:.3g}); "
+                                           "lower the learning rate (lr) or check the inputs")
+                    accelerator.backward(loss / cfg.grad_accum)
+                losses.append(loss.item())
+                samples += _batch_size(batch)
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,
+                   "samples_per_s": samples / (time.perf_counter() - step_started), "val_loss": None}
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                row["val_loss"] = evaluate(model, loss_fn, val_batches, accelerator.device)
+            history.append(row)
+            _log_row(writer, row)
+            progress.update()
+            progress.set_postfix(loss=f"{row['loss']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                _save_checkpoint(checkpoint, run, step, history, named, optimizer, scheduler, accelerator)
+    finally:
+        progress.close()
+        writer.close()
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return TrainResult(
+        history=history, resumed_from_step=resumed_from, seconds=time.perf_counter() - started,
+        device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
+        trainable_parameters=sum(p.numel() for _, p in named),
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Batches, device: torch.device) -> float:
+    """Mean of `loss_fn` over `batches` in eval mode (the model is left in eval mode)."""
+    model.eval()
+    losses = [loss_fn(model, _to_device(batch, device)).item() for batch in batches]
+    return sum(losses) / len(losses)
+
+
+def write_history(history: list[dict], path: str | Path) -> None:
+    """Write the per-step history as CSV (columns `HISTORY_COLUMNS`; val_loss empty where not evaluated)."""
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    """bf16 / fp16 on GPU as configured (`auto`: bf16 where supported, else fp16); always fp32 on CPU."""
+    if not torch.cuda.is_available():
+        if cfg.mixed_precision in ("bf16", "fp16"):
+            log.info("no GPU: training in fp32 instead of %s", cfg.mixed_precision)
+        return "no"
+    if cfg.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return cfg.mixed_precision
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: Batch) -> int:
+    return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+
+
+def _log_row(writer: SummaryWriter, row: dict) -> None:
+    for name in ("loss", "lr", "samples_per_s"):
+        writer.add_scalar(f"train/{name}", row[name], row["step"])
+    if row["val_loss"] is not None:
+        writer.add_scalar("val/loss", row["val_loss"], row["step"])
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors + JSON)
+
+
+def _save_checkpoint(path: Path, run: dict, step: int, history: list[dict], named: list, optimizer, scheduler,
+                     accelerator: Accelerator) -> None:
+    """Write the resumable state atomically: a killed save leaves the previous checkpoint intact."""
+    state = optimizer.state_dict()
+    moments = {f"state.{index}.{name}": value.detach().cpu()
+               for index, entries in state["state"].items() for name, value in entries.items()}
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_tensors(tmp / "weights.safetensors", {name: p.detach().cpu() for name, p in named})
+        save_tensors(tmp / "optimizer.safetensors", moments | rng, {"param_groups": state["param_groups"]})
+        write_json(tmp / "trainer_state.json", {
+            **run, "step": step, "history": history, "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        })
+    log.info("checkpoint at step %d in %s", step, path)
+
+
+def _load_checkpoint(path: Path, run: dict, named: list, optimizer, scheduler,
+                     accelerator: Accelerator) -> tuple[list[dict], int]:
+    """Restore the state saved by `_save_checkpoint`; (history, step), or ([], 0) when there is none for this run."""
+    if not (path / "trainer_state.json").is_file():
+        return [], 0
+    meta = read_json(path / "trainer_state.json")
+    if {k: meta.get(k) for k in run} != json.loads(json.dumps(run)):
+        log.warning("%s belongs to a different run (config or inputs changed): starting over", path)
+        return [], 0
+    weights, _ = load_tensors(path / "weights.safetensors")
+    if set(weights) != {name for name, _ in named}:
+        raise CheckpointError(f"{path / 'weights.safetensors'}: parameter names do not match the model")
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(weights[name])
+    tensors, opt_meta = load_tensors(path / "optimizer.safetensors")
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": opt_meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    if accelerator.scaler is not None and meta["scaler"] is not None:
+        accelerator.scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                                      if f"rng.cuda.{i}" in tensors])
+    log.info("resuming from step %d (%s)", meta["step"], path)
+    return meta["history"], meta["step"]
