@@ -15,13 +15,14 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Section, require
 from .data import load_image, load_mask
-from .errors import CheckpointError
-from .io import read_json, save_tensors, write_json
+from .errors import CheckpointError, DataError
+from .io import load_tensors, read_json, save_tensors, write_json
 from .modeling import load_model, load_processor
 
 log = logging.getLogger(__name__)
@@ -133,3 +134,13 @@ def feature_statistics(features: torch.Tensor, labels: torch.Tensor, grid_h: int
         "effective_rank": float(torch.exp(-(probabilities * probabilities.clamp_min(1e-12).log()).sum())),
     }
 
+
+def read_feature_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a cached feature file; a missing or unreadable file raises DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: feature file does not exist")
+    try:
+        return load_tensors(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable feature file ({err})") from None

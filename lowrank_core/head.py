@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .config import Section, require
 from .errors import CheckpointError, DataError, LowrankError
+from .features import read_feature_file
 from .io import atomic_path, load_tensors, read_json, save_tensors, write_json
 from .metrics import classification_metrics, pixel_metrics, read_pixel_mask, token_pixel_masks, upsample_heatmap
 
@@ -169,12 +170,7 @@ class FeatureSplit:
 def load_feature_split(path: str | Path) -> FeatureSplit:
     """Read and check one cached feature file; every problem raises DataError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: feature file does not exist")
-    try:
-        tensors, meta = load_tensors(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable feature file ({err})") from None
+    tensors, meta = read_feature_file(path)
     for name in ("features", "labels", "token_masks", "has_mask"):
         if name not in tensors:
             raise DataError(f"{path}: tensor '{name}' is missing")

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from .config import Section, require
 from .errors import CheckpointError, ConfigError, DataError, LowrankError
+from .features import read_feature_file
 from .io import load_tensors, save_tensors, write_json
 from .lowrank_plots import plot_loss_curve, plot_spatial_comparison
 
@@ -307,12 +308,7 @@ def make_allocator(model: ProjectionNet, cfg: LowrankConfig, total_steps: int) -
 def read_features(path: str | Path) -> tuple[torch.Tensor, dict]:
     """`features` float32 [N, T, C] and the metadata of a cached feature file; problems raise DataError."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: feature file does not exist")
-    try:
-        tensors, meta = load_tensors(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable feature file ({err})") from None
+    tensors, meta = read_feature_file(path)
     features = tensors.get("features")
     if features is None or features.dim() != 3 or features.shape[0] == 0:
         shape = None if features is None else tuple(features.shape)
