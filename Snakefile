@@ -21,6 +21,9 @@ include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/dataset.smk"
 include: "rules/features.smk"
+include: "rules/head.smk"
+include: "rules/lowrank.smk"
+include: "rules/teacher.smk"
 include: "rules/report.smk"
 
 

@@ -32,10 +32,10 @@ from lowrank_core.delta import (
     analyse_deltas,
     iter_deltas,
     matched_modules,
-    peak_rss_mb,
     weight_delta,
     write_delta_outputs,
 )
+from lowrank_core.runtime import peak_rss_mb
 
 SIDE = 4096
 PATHS = ("naive", "streaming")

@@ -1,9 +1,12 @@
-"""Tamper-detection datasets: the annotation format, its validator, and the synthetic default generator.
+"""Tamper-detection datasets: the annotation formats, their validator, and the synthetic default generator.
 
-Annotation format (the forgery pipelines'): one JSON list per split of records
-``{"image_path": str, "label": 1 (tampered) | 0 (real), "mask_path": "<png>" | "HxW" | null}``, where
-"HxW" (e.g. "64x64") stands for an all-zero mask and relative paths are relative to the annotation file.
-A tampered image without a mask is allowed (a warning): later stages use it for classification only.
+Annotation format: one JSON list per split of records, of the kind the model's modality takes.
+
+* vision-language (the forgery pipelines'): ``{"image_path": str, "label": 1 (tampered) | 0 (real),
+  "mask_path": "<png>" | "HxW" | null}``, where "HxW" (e.g. "64x64") stands for an all-zero mask and relative
+  paths are relative to the annotation file. A tampered image without a mask is allowed (a warning): later stages
+  use it for classification only.
+* text: ``{"text": "<passage>", "label": 1 (tampered / positive) | 0 (real / negative)}``.
 """
 
 from __future__ import annotations
@@ -147,36 +150,61 @@ def _region_mask(rng: np.random.Generator, size: int) -> Image.Image:
 # ---------------------------------------------------------------- validation
 
 
-def validate_dataset(annotation_files: dict[str, str | Path]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class RecordKind:
+    """The records a model modality takes: `key` names a record (no two records may share it)."""
+
+    key: str
+    noun: str
+    form: str
+
+
+RECORD_KINDS = {
+    "vision_language": RecordKind("image_path", "images", '{"image_path": ..., "label": 0|1, "mask_path": ...}'),
+    "text": RecordKind("text", "texts", '{"text": ..., "label": 0|1}'),
+}
+
+
+def validate_dataset(annotation_files: dict[str, str | Path], modality: str = "vision_language") -> dict:
     """Check every record of every split and return the manifest (resolved paths, counts, warnings).
 
-    Errors (DataError naming the file): unreadable annotation file, record of the wrong form, label not 0/1,
-    missing or unreadable image, unreadable mask or one whose size differs from its image, empty split,
-    an image listed twice (within or across splits).
+    `modality` (model.modality) picks the record kind: image records for `vision_language`, text records for
+    `text`. Errors (DataError naming the file): unreadable annotation file, record of the wrong form or kind,
+    label not 0/1, missing or unreadable image, unreadable mask or one whose size differs from its image, empty or
+    non-string text, empty split, an image or text listed twice (within or across splits).
     """
+    key = RECORD_KINDS[modality].key
     manifest = {"splits": {}, "warnings": []}
     seen: dict[str, str] = {}
     for split in SPLITS:
         path = Path(annotation_files[split])
-        records = [_validate_record(record, i, path, manifest["warnings"]) for i, record in enumerate(_read_list(path))]
+        records = [_validate_record(record, i, path, modality, manifest["warnings"])
+                   for i, record in enumerate(_read_list(path))]
         if not records:
             raise DataError(f"{path}: split '{split}' is empty")
         for record in records:
-            if record["image_path"] in seen:
-                raise DataError(f"{path}: image {record['image_path']} is listed twice "
-                                f"(also in split '{seen[record['image_path']]}')")
-            seen[record["image_path"]] = split
+            if record[key] in seen:
+                raise DataError(f"{path}: {_describe(record)} is listed twice (also in split '{seen[record[key]]}')")
+            seen[record[key]] = split
         manifest["splits"][split] = {
             "annotation_file": str(path.resolve()),
             "count": len(records),
             "tampered": sum(r["label"] for r in records),
             "real": sum(1 - r["label"] for r in records),
-            "with_mask": sum(r["mask_path"] is not None for r in records),
+            "with_mask": sum(r.get("mask_path") is not None for r in records),
             "records": records,
         }
     for warning in manifest["warnings"]:
         log.warning(warning)
     return manifest
+
+
+def _describe(record: dict) -> str:
+    """A record in one line: its image path, or the start of its text."""
+    if "image_path" in record:
+        return f"image {record['image_path']}"
+    text = record["text"]
+    return f"text {text if len(text) <= 60 else text[:57] + '...'!r}"
 
 
 def _read_list(path: Path) -> list:
@@ -191,15 +219,38 @@ def _read_list(path: Path) -> list:
     return records
 
 
-def _validate_record(record, index: int, path: Path, warnings: list[str]) -> dict:
+def _validate_record(record, index: int, path: Path, modality: str, warnings: list[str]) -> dict:
     where = f"{path}: record {index}"
     if not isinstance(record, dict):
         raise DataError(f"{where}: must be an object, got {type(record).__name__}")
-    if not isinstance(record.get("image_path"), str):
-        raise DataError(f"{where}: 'image_path' must be a string")
+    kind = RECORD_KINDS[modality]
+    foreign = [other.key for other in RECORD_KINDS.values() if other.key in record]
+    if kind.key not in record and foreign:
+        raise DataError(f"{where}: has '{foreign[0]}' but no '{kind.key}': model.modality is {modality}, "
+                        f"whose records are {kind.form}")
+    if modality == "text":
+        return _validate_text_record(record, where)
+    return _validate_image_record(record, where, path, warnings)
+
+
+def _label(record: dict, where: str) -> int:
     label = record.get("label")
     if type(label) is not int or label not in (0, 1):
         raise DataError(f"{where}: 'label' must be 0 (real) or 1 (tampered), got {label!r}")
+    return label
+
+
+def _validate_text_record(record: dict, where: str) -> dict:
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: 'text' must be a non-empty string, got {text!r}")
+    return {"text": text, "label": _label(record, where)}
+
+
+def _validate_image_record(record: dict, where: str, path: Path, warnings: list[str]) -> dict:
+    if not isinstance(record.get("image_path"), str):
+        raise DataError(f"{where}: 'image_path' must be a string")
+    label = _label(record, where)
     image_path = (path.parent / record["image_path"]).resolve()
     width, height = _image_size(image_path, f"{where}: image")
     mask_path = record.get("mask_path")
@@ -252,10 +303,15 @@ def load_mask(mask_path: str | None, size: int) -> np.ndarray | None:
     return (np.asarray(resized, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
 
 
-def prepare_dataset(cfg: DatasetConfig, synthetic_dir: str | Path | None, out_manifest: str | Path) -> dict:
-    """Validate the configured annotations and write the manifest (resolved paths, counts, warnings)."""
-    manifest = validate_dataset(cfg.annotation_files(synthetic_dir or ""))
-    write_json(out_manifest, {**manifest, "source": cfg.source})
+def prepare_dataset(cfg: DatasetConfig, synthetic_dir: str | Path | None, out_manifest: str | Path,
+                    modality: str = "vision_language") -> dict:
+    """Validate the configured annotations (records of `modality`'s kind) and write the manifest."""
+    if cfg.source == "synthetic" and modality != "vision_language":
+        raise DataError(f"dataset.source: the synthetic dataset is images, but model.modality is {modality}: "
+                        f"point dataset.source at a directory of {RECORD_KINDS[modality].form} records")
+    manifest = validate_dataset(cfg.annotation_files(synthetic_dir or ""), modality)
+    write_json(out_manifest, {**manifest, "source": cfg.source, "modality": modality})
     for split, info in manifest["splits"].items():
-        log.info("%s: %d images (%d tampered, %d with mask)", split, info["count"], info["tampered"], info["with_mask"])
+        log.info("%s: %d %s (%d tampered, %d with mask)", split, info["count"], RECORD_KINDS[modality].noun,
+                 info["tampered"], info["with_mask"])
     return manifest

@@ -25,7 +25,6 @@ import importlib.metadata
 import logging
 import math
 import re
-import resource
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from .config import Section, require
 from .errors import CheckpointError, ConfigError
 from .io import atomic_path, read_json, save_tensors, write_json
+from .runtime import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -412,19 +412,6 @@ def summary_text(result: dict) -> str:
         lines += ["", f"Least low-rank modules (energy at r={top}):"]
         lines += [f"  {m['name']} {m['shape']}: {m['energy'][top]:.3f}" for m in least]
     return "\n".join(lines) + "\n"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process image in MiB (VmHWM).
-
-    Unlike `ru_maxrss`, which Linux carries over from the forking parent across exec, VmHWM starts afresh with
-    the process image; `ru_maxrss` is the fallback where /proc is missing.
-    """
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _fmt(value: float | None) -> str:

@@ -1,9 +1,10 @@
-"""Language-model supervision in the model's chat format: question (with the image) in, one answer word out.
+"""Language-model supervision in the model's chat format: image or text plus question in, one answer word out.
 
-Each record becomes the chat ``user: [image] question`` / ``assistant: answer``, where the answer is the
-positive word for a tampered image and the negative word for a real one. Only the answer tokens (the word and
-the template's end-of-turn token) carry labels; everything else, padding included, is -100. Text-only causal
-LMs get the question alone.
+Each record becomes the chat ``user: [image] question`` / ``assistant: answer`` for a vision-language model, or
+``user: text\n\nquestion`` / ``assistant: answer`` for a text-only causal LM (records ``{"text", "label"}``),
+where the answer is the positive word for label 1 (tampered) and the negative word for label 0 (real). Only the
+answer tokens (the word and the template's end-of-turn token) carry labels; everything else, padding included,
+is -100.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from .data import load_image
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 IGNORE_INDEX = -100
 
@@ -24,7 +25,9 @@ class ChatBatcher:
     """Collate manifest records into right-padded chat batches with answer-only labels.
 
     `processor` is a vision-language processor (then `image_size` is the square side images are resized to)
-    or a tokenizer with a chat template (then `image_size` is None and no image is used).
+    or a tokenizer with a chat template (then `image_size` is None and the records' text comes before the
+    question). The answer ids are located once, after a question-only prompt: the template closes the user turn
+    before the assistant's, so they do not depend on what the prompt holds.
     """
 
     processor: Any
@@ -38,14 +41,14 @@ class ChatBatcher:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.prompt_text = self.processor.apply_chat_template(self._messages(), add_generation_prompt=True,
-                                                              tokenize=False)
         self.answer_ids = {label: self._answer_ids(word)
                            for label, word in ((1, self.positive_word), (0, self.negative_word))}
 
-    def _messages(self, answer: str | None = None) -> list[dict]:
+    def _messages(self, record: dict | None = None, answer: str | None = None) -> list[dict]:
+        """The chat for `record` (None: the question alone), ending with the assistant's `answer` if given."""
         if self.image_size is None:
-            user = {"role": "user", "content": self.question}
+            text = self.question if record is None else f"{_text(record)}\n\n{self.question}"
+            user = {"role": "user", "content": text}
         else:
             user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}
         if answer is None:
@@ -53,21 +56,27 @@ class ChatBatcher:
         return [user, {"role": "assistant", "content": answer if self.image_size is None
                        else [{"type": "text", "text": answer}]}]
 
+    def prompt(self, record: dict | None = None) -> str:
+        """The chat up to and including the assistant's generation prompt."""
+        return self.processor.apply_chat_template(self._messages(record), add_generation_prompt=True, tokenize=False)
+
     def _answer_ids(self, word: str) -> list[int]:
         """Token ids of the assistant turn the chat template writes for `word` (trailing whitespace dropped)."""
-        full = self.processor.apply_chat_template(self._messages(word), tokenize=False)
-        if not full.startswith(self.prompt_text):
+        prompt = self.prompt()
+        full = self.processor.apply_chat_template(self._messages(answer=word), tokenize=False)
+        if not full.startswith(prompt):
             raise CheckpointError("the chat template does not extend the generation prompt with the answer; "
                                   "answer-only labels cannot be located")
-        return self.tokenizer(full[len(self.prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
 
     def encode(self, record: dict) -> dict[str, torch.Tensor]:
         """One record as unpadded tensors: the prompt (with image inputs) followed by its answer."""
+        prompt = self.prompt(record)
         if self.image_size is None:
-            inputs = self.tokenizer(self.prompt_text, add_special_tokens=False, return_tensors="pt")
+            inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         else:
             pixels = self.image_size * self.image_size
-            inputs = self.processor(text=[self.prompt_text], images=[load_image(record["image_path"], self.image_size)],
+            inputs = self.processor(text=[prompt], images=[load_image(record["image_path"], self.image_size)],
                                     images_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
                                     add_special_tokens=False, return_tensors="pt")
         prompt_length = inputs["input_ids"].shape[1]
@@ -96,6 +105,13 @@ class ChatBatcher:
             else:
                 batch[key] = torch.cat(values)
         return batch
+
+
+def _text(record: dict) -> str:
+    if "text" not in record:
+        raise DataError("a text-only model needs text records {\"text\": ..., \"label\": 0|1}; this record has "
+                        f"{sorted(record)} (is model.modality text, and the dataset prepared for it?)")
+    return record["text"]
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

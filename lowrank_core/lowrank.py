@@ -325,8 +325,14 @@ def _check_same_shape(reference: torch.Tensor, reference_path, features: torch.T
                         f"{list(reference.shape[1:])} of {reference_path}")
 
 
-def _digest(features: torch.Tensor) -> str:
-    return hashlib.blake2b(features.contiguous().numpy(), digest_size=16).hexdigest()
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A checksum of named tensors (names, dtypes and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- training
@@ -373,7 +379,7 @@ def _fingerprint(arch: str, cfg: LowrankConfig, seed: int, train: torch.Tensor, 
     """What a stored state must match to be resumed. Epoch budgets are checked by `_extends`, except for AdaLoRA,
     whose rank schedule spans `epochs`."""
     ignored = {"archs", "extra_epochs"} | ({"epochs"} if arch != "AdaLoRA" else set())
-    fingerprint = {"arch": arch, "seed": seed, "train": _digest(train), "val": _digest(val),
+    fingerprint = {"arch": arch, "seed": seed, "train": _digest({"features": train}), "val": _digest({"features": val}),
                    "config": {k: v for k, v in cfg.to_dict().items() if k not in ignored}}
     return json.loads(json.dumps(fingerprint))  # as it reads back from the state's JSON metadata
 
@@ -463,17 +469,21 @@ class _Training:
         if self.allocator is not None:
             tensors |= self.allocator.state_tensors()
             meta["rank_pattern"] = self.allocator.rank_pattern
-        save_tensors(self.state_path, {k: v.detach().cpu() for k, v in tensors.items()}, meta)
+        tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+        save_tensors(self.state_path, tensors, meta | {"checksum": _digest(tensors)})
 
     def resume(self) -> bool:
-        """Restore the stored state if it belongs to this run; False (a fresh start) when there is none."""
+        """Restore the stored state if it belongs to this run; False (a fresh start) when there is none, or when it is
+        damaged (unreadable or failing its checksum: a warning)."""
         if not self.state_path.is_file():
             return False
         try:
             tensors, meta = load_tensors(self.state_path)
+            if meta.get("checksum") != _digest(tensors):
+                raise ValueError("the tensors fail their checksum")
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{self.state_path}: unreadable training state ({err}); delete it to start over") \
-                from None
+            log.warning("%s: damaged training state (%s); starting over", self.state_path, err)
+            return False
         run = _Run(**meta["run"])
         if meta["fingerprint"] != self.fingerprint or not _extends(run, self.budgets):
             log.warning("%s: the stored state is of another config, data or epoch budget; starting over",

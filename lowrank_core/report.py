@@ -99,10 +99,26 @@ def png_html(path: str | Path, alt: str) -> str:
 
 
 def dataset_section(manifest: dict, examples: int = 4) -> ReportSection:
-    """Counts per split, warnings, and a few real / tampered examples with their masks."""
+    """Counts per split, warnings, and a few real / tampered examples (images with their masks, or texts)."""
     rows = [{"split": split, **{k: manifest["splits"][split][k] for k in ("count", "real", "tampered", "with_mask")}}
             for split in SPLITS]
     records = manifest["splits"]["train"]["records"]
+    warnings = manifest.get("warnings", [])
+    warning_html = (f"<p>{len(warnings)} warning(s):</p><ul>"
+                    + "".join(f"<li>{html.escape(w)}</li>" for w in warnings[:20]) + "</ul>") if warnings else ""
+    if "text" in records[0]:
+        chosen = ([r for r in records if r["label"] == 0][: examples // 2]
+                  + [r for r in records if r["label"] == 1][: examples - examples // 2])
+        shown = table([{"label": "tampered" if r["label"] else "real",
+                        "text": r["text"] if len(r["text"]) <= 200 else r["text"][:197] + "..."} for r in chosen])
+    else:
+        shown = _image_examples(records, examples)
+    body = (f"<p>Source: <code>{html.escape(manifest['source'])}</code></p>" + table(rows) + warning_html + shown)
+    return ReportSection("Dataset", body)
+
+
+def _image_examples(records: list[dict], examples: int) -> str:
+    """A figure of real and tampered training images with their masks."""
     chosen = ([r for r in records if r["label"] == 0][: examples // 2]
               + [r for r in records if r["label"] == 1 and r["mask_path"]][: examples - examples // 2])
     fig, axes = plt.subplots(2, len(chosen), figsize=(2.2 * len(chosen), 4.4), squeeze=False)
@@ -114,12 +130,7 @@ def dataset_section(manifest: dict, examples: int = 4) -> ReportSection:
         axes[1, column].set_title("mask", fontsize=9)
     for axis in axes.flat:
         axis.axis("off")
-    warnings = manifest.get("warnings", [])
-    warning_html = (f"<p>{len(warnings)} warning(s):</p><ul>"
-                    + "".join(f"<li>{html.escape(w)}</li>" for w in warnings[:20]) + "</ul>") if warnings else ""
-    body = (f"<p>Source: <code>{html.escape(manifest['source'])}</code></p>" + table(rows) + warning_html
-            + figure_html(fig, "dataset examples"))
-    return ReportSection("Dataset", body)
+    return figure_html(fig, "dataset examples")
 
 
 def features_section(stats: dict[str, dict]) -> ReportSection:
@@ -150,9 +161,12 @@ _TEMPLATE = jinja2.Environment(autoescape=False).from_string("""<!DOCTYPE html>
 <style>
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
 code{background:#f5f5f5;padding:0 .2em}details{margin:.5em 0}nav a{margin-right:1em}
+h3{font-size:1.1em;margin-top:1.4em}summary{cursor:pointer}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 </style></head><body>
 <h1>Low-rank / LoRA ablation report</h1>
 <nav>{% for s in sections %}<a href="#s{{ loop.index }}">{{ s.title }}</a>{% endfor %}</nav>
@@ -174,11 +188,14 @@ code{background:#f5f5f5;padding:0 .2em}details{margin:.5em 0}nav a{margin-right:
 
 
 def write_report(out_html: str | Path, inputs: dict[str, str], config_hash: str, source_dir: str | Path) -> None:
-    """Render the report from the named stage outputs present in `inputs`."""
+    """Render the report from the named stage outputs present in `inputs`; a section appears only when its inputs
+    do (see `report_sections.stage_sections` for the names after the features)."""
     from .io import read_json
+    from .report_sections import stage_sections  # imported here: it builds on this module's helpers
 
     sections = [dataset_section(read_json(inputs["manifest"]))]
     stats = {split: read_json(inputs[f"stats_{split}"]) for split in SPLITS if f"stats_{split}" in inputs}
     if stats:
         sections.append(features_section(stats))
+    sections += stage_sections(inputs)
     render_report(out_html, provenance(config_hash, source_dir), sections)

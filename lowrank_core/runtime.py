@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import resource
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -35,3 +38,15 @@ def run_step(step: Callable[[], object], log_file: str | None, threads: int) -> 
         log.error("%s", err)
         sys.exit(1)
 
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image in MiB (VmHWM).
+
+    Unlike `ru_maxrss`, which Linux carries over from the forking parent across exec, VmHWM starts afresh with
+    the process image; `ru_maxrss` is the fallback where /proc is missing.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,13 +13,15 @@ from .training import Batches, TrainConfig, train_loop, write_history
 
 log = logging.getLogger(__name__)
 
+MAX_SHARD_SIZE = "5GB"  # transformers 5 writes one file up to 50GB; shards keep large teachers easy to move
+
 
 def train_teacher(model_info_json: str | Path, manifest_json: str | Path, cfg: TrainConfig, image_size: int,
                   out_dir: str | Path, state_dir: str | Path, log_dir: str | Path) -> dict:
     """Fine-tune every parameter of the base model to answer `cfg.question` with the label's word.
 
-    Writes `out_dir` atomically: the model and processor (`save_pretrained`, safetensors), `history.csv` and
-    `train_summary.json`; TensorBoard events go to `log_dir`, resumable checkpoints to `state_dir`.
+    Writes `out_dir` atomically: the model and processor (`save_pretrained`, safetensors in 5 GB shards),
+    `history.csv` and `train_summary.json`; TensorBoard events go to `log_dir`, resumable checkpoints to `state_dir`.
     Returns the summary.
     """
     info = read_json(model_info_json)
@@ -30,10 +32,10 @@ def train_teacher(model_info_json: str | Path, manifest_json: str | Path, cfg: T
     is_vision = hasattr(processor, "image_processor")
     batcher = ChatBatcher(processor, cfg.question, cfg.positive_word, cfg.negative_word,
                           image_size if is_vision else None)
-    train = Batches(splits["train"]["records"], cfg.batch_size, batcher, seed=cfg.seed)
+    train = Batches(splits["train"]["records"], cfg.batch_size, batcher, seed=cfg.seed, drop_last=True)
     val = Batches(splits["val"]["records"], cfg.batch_size, batcher)
     identity = {"model": info["path"], "dtype": info["dtype"], "image_size": image_size if is_vision else None,
-                "train_images": [r["image_path"] for r in train.items]}
+                "train_records": [r.get("image_path", r.get("text")) for r in train.items]}
     result = train_loop(model, lm_loss, train, val, cfg, state_dir, log_dir, identity=identity)
     last = result.history[-1]
     val_losses = [row["val_loss"] for row in result.history if row["val_loss"] is not None]
@@ -43,10 +45,12 @@ def train_teacher(model_info_json: str | Path, manifest_json: str | Path, cfg: T
         "best_val_loss": min(val_losses), "resumed_from_step": result.resumed_from_step,
         "train_seconds": result.seconds, "device": result.device, "mixed_precision": result.mixed_precision,
         "trainable_parameters": result.trainable_parameters, "peak_memory_mb": result.peak_memory_mb,
-        "config": cfg.to_dict(), "lowrank_core_version": __version__,
+        "processes": result.processes, "config": cfg.to_dict(), "lowrank_core_version": __version__,
     }
+    if not result.main_process:
+        return summary
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         processor.save_pretrained(tmp)
         write_history(result.history, tmp / "history.csv")
         write_json(tmp / "train_summary.json", summary)

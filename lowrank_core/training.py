@@ -2,8 +2,8 @@
 
 `train_loop` is model-agnostic: it trains whatever parameters of `model` require grad (all of them for the
 teacher's full fine-tune, the adapters for LoRA) on the batches of a `Batches` source, minimising
-`loss_fn(model, batch)`. Resumable state lives in `state_dir/checkpoint` as safetensors + JSON (no pickle):
-the trainable weights, the AdamW moments, the RNG states, the schedule, the step and the history so far.
+`loss_fn(model, batch)`. Resumable state lives in `state_dir/checkpoint/step-N` as safetensors + JSON (no pickle, checksummed, the
+last two kept): the trainable weights, the AdamW moments, the RNG states, the schedule, the step and the history.
 Batches are reshuffled per epoch from `seed + epoch`, so a resumed run sees exactly the batches an
 uninterrupted one would have seen.
 """
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -23,6 +25,7 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -30,10 +33,13 @@ from transformers import get_cosine_schedule_with_warmup
 from .config import Section, require
 from .errors import CheckpointError, ConfigError, LowrankError
 from .io import atomic_path, load_tensors, read_json, save_tensors, write_json
+from .runtime import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss")
+CHECKPOINT_TENSORS = ("weights.safetensors", "optimizer.safetensors")
+KEEP_CHECKPOINTS = 2
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -75,23 +81,27 @@ class TrainConfig(Section):
 class Batches:
     """`items` cut into batches by `collate`; shuffled per epoch from `seed + epoch`, in order when seed is None.
 
-    `collate` returns a dict whose first tensor has the batch dimension first (it sets the samples/s count).
+    `drop_last` leaves out a last, smaller batch (training batches, so that every batch splits evenly over the
+    processes of a data-parallel run). `collate` returns a dict whose first tensor has the batch dimension first
+    (it sets the samples/s count).
     """
 
     items: Sequence
     batch_size: int
     collate: Callable[[list], Batch]
     seed: int | None = None
+    drop_last: bool = False
 
     def __len__(self) -> int:
-        return math.ceil(len(self.items) / self.batch_size)
+        return len(self.items) // self.batch_size if self.drop_last else math.ceil(len(self.items) / self.batch_size)
 
-    def batch(self, epoch: int, index: int) -> Batch:
+    def batch(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> Batch:
+        """Batch `index` of `epoch`; of `world` data-parallel processes, process `rank` gets every world-th item."""
         if self.seed is None:
             order = range(len(self.items))
         else:
             order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        picked = order[index * self.batch_size:(index + 1) * self.batch_size]
+        picked = order[index * self.batch_size:(index + 1) * self.batch_size][rank::world]
         return self.collate([self.items[i] for i in picked])
 
     def __iter__(self) -> Iterator[Batch]:
@@ -108,7 +118,9 @@ class TrainResult:
     device: str
     mixed_precision: str
     trainable_parameters: int
-    peak_memory_mb: float | None
+    peak_memory_mb: float
+    processes: int
+    main_process: bool
 
 
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, val_batches: Batches,
@@ -119,9 +131,17 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
 
     Each step averages `cfg.grad_accum` micro-batches; the validation loss is computed every `cfg.eval_every`
     steps and after the last. A non-finite training loss raises LowrankError. TensorBoard events go to `log_dir`.
+    Under a data-parallel launch (`lowrank_core.distributed.launch`) each process trains on its share of every
+    batch, losses are averaged over the processes, and only the main process writes checkpoints and events.
     """
     set_seed(cfg.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    require(cfg.batch_size % world == 0, TrainConfig.key, "batch_size",
+            f"must split evenly over the {world} data-parallel processes")
+    if len(train_batches) == 0:
+        raise ConfigError(f"{TrainConfig.key}.batch_size: {train_batches.batch_size} is more than the "
+                          f"{len(train_batches.items)} training records")
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it")
@@ -141,9 +161,10 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
     resumed_from = step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    writer = SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
+    main = accelerator.is_main_process
+    writer = SummaryWriter(str(log_dir), purge_step=step + 1 if step else None) if main else None
     started = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step")
+    progress = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not main)
     try:
         while step < cfg.max_steps:
             model.train()
@@ -151,8 +172,8 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             lr = scheduler.get_last_lr()[0]
             losses, samples = [], 0
             for micro in range(cfg.grad_accum):
-                batch = _to_device(train_batches.batch(*divmod(step * cfg.grad_accum + micro, len(train_batches))),
-                                   accelerator.device)
+                epoch, index = divmod(step * cfg.grad_accum + micro, len(train_batches))
+                batch = _to_device(train_batches.batch(epoch, index, rank, world), accelerator.device)
                 sync = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss = loss_fn(model, batch)
@@ -160,7 +181,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
                         raise LowrankError(f"training loss is {loss.item()} at step {step + 1} (lr {lr:.3g}); "
                                            "lower the learning rate (lr) or check the inputs")
                     accelerator.backward(loss / cfg.grad_accum)
-                losses.append(loss.item())
+                losses.append(loss.detach())
                 samples += _batch_size(batch)
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -168,34 +189,48 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr,
+            mean_loss = accelerator.reduce(torch.stack(losses).mean().float(), "mean").item()
+            samples = accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item()
+            row = {"step": step, "loss": mean_loss, "lr": lr,
                    "samples_per_s": samples / (time.perf_counter() - step_started), "val_loss": None}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                row["val_loss"] = evaluate(model, loss_fn, val_batches, accelerator.device)
+                row["val_loss"] = evaluate(model, loss_fn, val_batches, accelerator)
             history.append(row)
-            _log_row(writer, row)
+            if main:
+                _log_row(writer, row)
             progress.update()
             progress.set_postfix(loss=f"{row['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                _save_checkpoint(checkpoint, run, step, history, named, optimizer, scheduler, accelerator)
+                if main:
+                    _save_checkpoint(checkpoint, run, step, history, named, optimizer, scheduler, accelerator)
+                accelerator.wait_for_everyone()
     finally:
         progress.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return TrainResult(
         history=history, resumed_from_step=resumed_from, seconds=time.perf_counter() - started,
         device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
         trainable_parameters=sum(p.numel() for _, p in named),
-        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb(),
+        processes=world, main_process=main,
     )
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Batches, device: torch.device) -> float:
-    """Mean of `loss_fn` over `batches` in eval mode (the model is left in eval mode)."""
+def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Batches, accelerator: Accelerator) -> float:
+    """Mean of `loss_fn` over `batches` in eval mode (the model is left in eval mode); the batches are shared out
+    over the data-parallel processes and the mean is taken over all of them."""
+    model = accelerator.unwrap_model(model)  # plain forwards: DDP's would wait for processes with fewer batches
     model.eval()
-    losses = [loss_fn(model, _to_device(batch, device)).item() for batch in batches]
-    return sum(losses) / len(losses)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    losses = [loss_fn(model, _to_device(batches.batch(0, i), accelerator.device)).float()
+              for i in range(rank, len(batches), world)]
+    totals = torch.stack([sum(losses, torch.zeros((), device=accelerator.device)),
+                          torch.tensor(float(len(losses)), device=accelerator.device)])
+    total, count = accelerator.reduce(totals, "sum").tolist()
+    return total / count
 
 
 def write_history(history: list[dict], path: str | Path) -> None:
@@ -233,54 +268,90 @@ def _log_row(writer: SummaryWriter, row: dict) -> None:
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON)
 
 
-def _save_checkpoint(path: Path, run: dict, step: int, history: list[dict], named: list, optimizer, scheduler,
+def _save_checkpoint(root: Path, run: dict, step: int, history: list[dict], named: list, optimizer, scheduler,
                      accelerator: Accelerator) -> None:
-    """Write the resumable state atomically: a killed save leaves the previous checkpoint intact."""
+    """Write `root/step-N` atomically (tensor files, then `trainer_state.json` with their checksums) and keep the
+    last `KEEP_CHECKPOINTS` of them: a killed save or a corrupted file leaves an older checkpoint to resume from."""
     state = optimizer.state_dict()
     moments = {f"state.{index}.{name}": value.detach().cpu()
                for index, entries in state["state"].items() for name, value in entries.items()}
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    with atomic_path(path) as tmp:
+    with atomic_path(root / f"step-{step:08d}") as tmp:
         tmp.mkdir()
         save_tensors(tmp / "weights.safetensors", {name: p.detach().cpu() for name, p in named})
         save_tensors(tmp / "optimizer.safetensors", moments | rng, {"param_groups": state["param_groups"]})
         write_json(tmp / "trainer_state.json", {
             **run, "step": step, "history": history, "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "sha256": {name: _sha256(tmp / name) for name in CHECKPOINT_TENSORS},
         })
-    log.info("checkpoint at step %d in %s", step, path)
+    for old in _checkpoints(root)[KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old)
+    log.info("checkpoint at step %d in %s", step, root)
 
 
-def _load_checkpoint(path: Path, run: dict, named: list, optimizer, scheduler,
+def _load_checkpoint(root: Path, run: dict, named: list, optimizer, scheduler,
                      accelerator: Accelerator) -> tuple[list[dict], int]:
-    """Restore the state saved by `_save_checkpoint`; (history, step), or ([], 0) when there is none for this run."""
-    if not (path / "trainer_state.json").is_file():
-        return [], 0
+    """Restore the newest intact checkpoint of this run from `root`; (history, step), or ([], 0) when there is none.
+
+    A checkpoint whose files are missing, unreadable or fail their checksum is skipped with a warning, so training
+    goes on from the one before it, or from scratch.
+    """
+    for path in _checkpoints(root):
+        try:
+            meta, weights, tensors, opt_meta = _read_checkpoint(path)
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            log.warning("%s is damaged (%s): skipping it", path, err)
+            continue
+        if {k: meta.get(k) for k in run} != json.loads(json.dumps(run)):
+            log.warning("%s belongs to a different run (config or inputs changed): starting over", path)
+            return [], 0
+        if set(weights) != {name for name, _ in named}:
+            raise CheckpointError(f"{path / 'weights.safetensors'}: parameter names do not match the model")
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(weights[name])
+        moments: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, index, name = key.split(".", 2)
+                moments.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": opt_meta["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        if accelerator.scaler is not None and meta["scaler"] is not None:
+            accelerator.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                                          if f"rng.cuda.{i}" in tensors])
+        log.info("resuming from step %d (%s)", meta["step"], path)
+        return meta["history"], meta["step"]
+    if root.is_dir() and any(root.iterdir()):
+        log.warning("%s holds no intact checkpoint: starting from scratch", root)
+    return [], 0
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
+    """A checkpoint's state JSON and tensors, after checking every tensor file against its recorded checksum."""
     meta = read_json(path / "trainer_state.json")
-    if {k: meta.get(k) for k in run} != json.loads(json.dumps(run)):
-        log.warning("%s belongs to a different run (config or inputs changed): starting over", path)
-        return [], 0
+    for name in CHECKPOINT_TENSORS:
+        if _sha256(path / name) != meta["sha256"][name]:
+            raise ValueError(f"{name} fails its checksum")
     weights, _ = load_tensors(path / "weights.safetensors")
-    if set(weights) != {name for name, _ in named}:
-        raise CheckpointError(f"{path / 'weights.safetensors'}: parameter names do not match the model")
-    with torch.no_grad():
-        for name, p in named:
-            p.copy_(weights[name])
     tensors, opt_meta = load_tensors(path / "optimizer.safetensors")
-    moments: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            moments.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": moments, "param_groups": opt_meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    if accelerator.scaler is not None and meta["scaler"] is not None:
-        accelerator.scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
-                                      if f"rng.cuda.{i}" in tensors])
-    log.info("resuming from step %d (%s)", meta["step"], path)
-    return meta["history"], meta["step"]
+    return meta, weights, tensors, opt_meta
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """The `step-N` checkpoint directories under `root`, newest first."""
+    return sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -6,10 +6,12 @@ import json
 
 SPLITS = ("train", "val", "test")
 VISION = config["model"]["modality"] == "vision_language"
+ARCHS = config["lowrank"]["archs"]
 
 
 wildcard_constraints:
     split="|".join(SPLITS),
+    arch="|".join(ARCHS),
 
 
 def config_slice(*keys):
@@ -18,6 +20,11 @@ def config_slice(*keys):
     for key in keys:
         value = value[key]
     return json.loads(json.dumps(value, sort_keys=True))
+
+
+def lowrank_settings():
+    """The `lowrank` section without `archs`: adding an arch leaves the others' results valid."""
+    return {key: value for key, value in config_slice("lowrank").items() if key != "archs"}
 
 
 def experiment_hash():
@@ -50,6 +57,11 @@ def model_checkpoint_input(wildcards):
     return f"{config['model']['source']}/config.json"
 
 
+def model_dir():
+    """The base checkpoint directory: the built tiny model or the configured local checkpoint."""
+    return "data/models/tiny" if config["model"]["source"] == "tiny" else config["model"]["source"]
+
+
 def annotation_input(wildcards):
     if config["dataset"]["source"] == "synthetic":
         return "data/synthetic"
@@ -57,7 +69,15 @@ def annotation_input(wildcards):
 
 
 def report_inputs(wildcards):
-    inputs = {"model": "results/model/model.json", "manifest": "results/dataset/manifest.json"}
+    inputs = {"model": "results/model/model.json", "manifest": "results/dataset/manifest.json",
+              "teacher": "results/teacher/model", "delta": "results/delta"}
     if VISION:
         inputs |= {f"stats_{split}": f"results/features/{split}_stats.json" for split in SPLITS}
+        inputs |= {f"head_{name}": f"results/head/{file}"
+                   for name, file in (("metrics", "metrics.json"), ("history", "history.csv"),
+                                      ("heatmaps", "heatmaps.png"))}
+        for arch in ARCHS:
+            inputs |= {f"lowrank_{name}_{arch}": f"results/lowrank/{arch}/{file}"
+                       for name, file in (("comparison", "comparison.json"), ("spatial", "comparison.png"),
+                                          ("history", "history.json"), ("curve", "loss_curve.png"))}
     return inputs

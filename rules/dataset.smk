@@ -26,6 +26,7 @@ rule prepare_dataset:
         "results/dataset/manifest.json",
     params:
         dataset=config_slice("dataset"),
+        modality=config_slice("model", "modality"),
     threads: rule_threads("prepare_dataset")
     resources:
         **rule_resources("prepare_dataset"),

@@ -9,12 +9,17 @@ from snakemake.utils import validate
 
 from lowrank_core.config import Section
 from lowrank_core.data import DatasetConfig
+from lowrank_core.delta import DeltaConfig
 from lowrank_core.errors import ConfigError
 from lowrank_core.features import FeatureConfig
+from lowrank_core.head import HeadConfig
+from lowrank_core.lowrank import LowrankConfig
 from lowrank_core.modeling import ModelConfig
+from lowrank_core.training import TrainConfig
 
 SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
-SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "features": FeatureConfig}
+SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "features": FeatureConfig, "head": HeadConfig,
+            "lowrank": LowrankConfig, "teacher": TrainConfig, "delta": DeltaConfig}
 
 
 @pytest.mark.parametrize(
@@ -78,6 +83,12 @@ def test_embedded_default_passes_schema_and_dataclasses():
         (lambda c: c.update(bogus=1), ""),
         (lambda c: c["resources"].update(train_everything={"gpu": 1}), "resources"),
         (lambda c: c["resources"]["default"].update(gpus=1), "resources.default"),
+        (lambda c: c["lowrank"].update(archs=["MLP", "Transformer"]), "lowrank.archs.1"),
+        (lambda c: c["lowrank"].update(rank=0), "lowrank.rank"),
+        (lambda c: c["head"].update(loc_loss="focal"), "head.loc_loss"),
+        (lambda c: c["teacher"].update(mixed_precision="fp8"), "teacher.mixed_precision"),
+        (lambda c: c["delta"].update(ranks=[8, 8]), "delta.ranks"),
+        (lambda c: c["delta"].update(alpha=0), "delta.alpha"),
     ],
 )
 def test_schema_rejects_bad_config(edit, path):

@@ -1,4 +1,4 @@
-"""The synthetic generator and the annotation validator."""
+"""The synthetic generator and the annotation validator (image and text records)."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lowrank_core.data import SPLITS, SyntheticSpec, generate_synthetic, load_mask, validate_dataset
+from lowrank_core.data import (SPLITS, DatasetConfig, SyntheticSpec, generate_synthetic, load_mask,
+                               prepare_dataset, validate_dataset)
 from lowrank_core.errors import DataError
 
 SMALL = SyntheticSpec(train=6, val=4, test=4, image_size=32)
@@ -149,3 +150,113 @@ def test_each_bad_case_has_its_own_error(user_dataset, case, message):
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(DataError, match=r"train\.json: annotation file does not exist"):
         validate_dataset({split: tmp_path / f"{split}.json" for split in SPLITS})
+
+
+@pytest.fixture
+def text_dataset(tmp_path):
+    """A valid text dataset: one real and one tampered passage per split (multi-line, with an extra key)."""
+    return tmp_path, {split: [{"text": f"A {split} passage.\nIt reads plainly.", "label": 0},
+                              {"text": f"A {split} passage, doctored.", "label": 1, "source": "wiki"}]
+                      for split in SPLITS}
+
+
+def test_valid_text_dataset_gives_manifest(text_dataset):
+    root, records = text_dataset
+    manifest = validate_dataset(_write_split_files(root, records), "text")
+    assert manifest["warnings"] == []
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        assert (info["count"], info["real"], info["tampered"], info["with_mask"]) == (2, 1, 1, 0)
+        assert info["records"] == [{"text": r["text"], "label": r["label"]} for r in records[split]]
+
+
+def test_prepare_dataset_records_the_modality(text_dataset, tmp_path):
+    root, records = text_dataset
+    _write_split_files(root, records)
+    prepare_dataset(DatasetConfig(source=str(root)), None, tmp_path / "manifest.json", "text")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["modality"] == "text" and manifest["source"] == str(root)
+    assert manifest["splits"]["test"]["records"][0]["text"] == records["test"][0]["text"]
+
+
+def test_synthetic_images_are_refused_for_a_text_model(synthetic, tmp_path):
+    with pytest.raises(DataError, match=r"^dataset\.source: the synthetic dataset is images, but model\.modality is "
+                                        r"text: point dataset\.source at a directory of \{\"text\""):
+        prepare_dataset(DatasetConfig(), synthetic, tmp_path / "manifest.json", "text")
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def _corrupt_text(records, case):
+    train = records["train"]
+    long_text = "Line one of a long passage.\n" * 5
+    if case == "image_record":
+        train[0] = {"image_path": "img/train_0.png", "label": 0, "mask_path": "16x20"}
+    elif case == "empty_text":
+        train[1]["text"] = ""
+    elif case == "blank_text":
+        train[1]["text"] = " \n\t"
+    elif case == "number_text":
+        train[0]["text"] = 7
+    elif case == "missing_text":
+        del train[0]["text"]
+    elif case == "label":
+        train[0]["label"] = "1"
+    elif case == "duplicate":
+        train.append(dict(train[0]))
+    elif case == "duplicate_across_splits":
+        records["test"].append(dict(train[1]))
+    elif case == "long_duplicate":
+        train[0]["text"] = train[1]["text"] = long_text
+    elif case == "empty_split":
+        records["val"] = []
+    elif case == "not_a_record":
+        train.append("a bare string")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("image_record", r"train\.json: record 0: has 'image_path' but no 'text': model\.modality is text, "
+                         r"whose records are \{\"text\": \.\.\., \"label\": 0\|1\}$"),
+        ("empty_text", r"train\.json: record 1: 'text' must be a non-empty string, got ''$"),
+        ("blank_text", r"train\.json: record 1: 'text' must be a non-empty string, got ' \\n\\t'$"),
+        ("number_text", r"train\.json: record 0: 'text' must be a non-empty string, got 7$"),
+        ("missing_text", r"train\.json: record 0: 'text' must be a non-empty string, got None$"),
+        ("label", r"train\.json: record 0: 'label' must be 0 \(real\) or 1 \(tampered\), got '1'$"),
+        ("duplicate", r"train\.json: text 'A train passage\.\\nIt reads plainly\.' is listed twice "
+                      r"\(also in split 'train'\)$"),
+        ("duplicate_across_splits", r"test\.json: text 'A train passage, doctored\.' is listed twice "
+                                    r"\(also in split 'train'\)$"),
+        ("long_duplicate", r"train\.json: text 'Line one of a long passage\.\\nLine one of a long passage\.\\n"
+                           r"L\.\.\.' is listed twice"),
+        ("empty_split", r"val\.json: split 'val' is empty$"),
+        ("not_a_record", r"train\.json: record 2: must be an object, got str$"),
+    ],
+)
+def test_each_bad_text_case_has_its_own_error(text_dataset, case, message):
+    root, records = text_dataset
+    _corrupt_text(records, case)
+    with pytest.raises(DataError, match=message) as caught:
+        validate_dataset(_write_split_files(root, records), "text")
+    assert "\n" not in str(caught.value)
+
+
+def test_mixed_kinds_name_the_first_record_of_the_wrong_kind(user_dataset, text_dataset):
+    root, image_records = user_dataset
+    _, text_records = text_dataset
+    mixed = {"train": text_records["train"], "val": text_records["val"] + image_records["val"],
+             "test": text_records["test"]}
+    with pytest.raises(DataError, match=r"val\.json: record 2: has 'image_path' but no 'text'"):
+        validate_dataset(_write_split_files(root, mixed), "text")
+    mixed = {**image_records, "test": image_records["test"] + text_records["test"]}
+    with pytest.raises(DataError, match=r"test\.json: record 2: has 'text' but no 'image_path': model\.modality is "
+                                        r"vision_language, whose records are \{\"image_path\": "):
+        validate_dataset(_write_split_files(root, mixed))
+
+
+def test_extra_keys_of_the_other_kind_are_ignored(user_dataset):
+    """An image record may carry a 'text' (a caption): it is still an image record."""
+    root, records = user_dataset
+    records["train"][0]["text"] = "a caption"
+    manifest = validate_dataset(_write_split_files(root, records))
+    assert "text" not in manifest["splits"]["train"]["records"][0]

@@ -1,6 +1,7 @@
 """ΔW export: exact factors and energies, streaming over single-file and sharded checkpoints, bounded memory,
 module naming, and clean refusals of mismatched or missing checkpoints."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowrank_core import delta as delta_module
 from lowrank_core.delta import (
     DeltaConfig,
     analyse_deltas,
@@ -357,3 +359,21 @@ def test_streaming_peak_memory_stays_far_below_the_checkpoint_size(tmp_path):
     checkpoint_mb = count * side * side * 4 / 2 ** 20
     assert growth_mb < checkpoint_mb / 3, f"peak RSS grew by {growth_mb:.0f} MiB for a {checkpoint_mb:.0f} MiB model"
     assert len(load_tensors(tmp_path / "out" / "factors_r8.safetensors")[0]) == 2 * count
+
+
+def test_a_failed_write_leaves_no_half_written_output(pair, tmp_path, monkeypatch):
+    """A full disk while the factors are written: no output directory, no temporary left behind."""
+    base, teacher = pair
+    calls = {"n": 0}
+    save_file = delta_module.save_tensors
+
+    def disk_fills_up(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(delta_module, "save_tensors", disk_fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        export_delta(base, teacher, tmp_path / "out", DeltaConfig(ranks=(2, 4)))
+    assert list(tmp_path.glob("*out*")) == []

@@ -295,3 +295,21 @@ def test_a_changed_config_starts_over(data, tmp_path, monkeypatch):
     spy = _spy(monkeypatch)
     _train("MLP", data, tmp_path, **{**PLATEAU, "lambda_b": 1e-3})
     assert spy.calls == 0 and (tmp_path / "out" / WEIGHTS_NAME).is_file()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_state_starts_over_with_a_warning(data, tmp_path, monkeypatch, caplog, damage):
+    _train("MLP", data, tmp_path / "whole", **PLATEAU)
+    _train("MLP", data, tmp_path / "damaged", **{**PLATEAU, "epochs": 2})
+    state = tmp_path / "damaged" / "state" / STATE_NAME
+    raw = bytearray(state.read_bytes())
+    if damage == "flip":
+        raw[-1] ^= 0xFF  # still a readable safetensors file: only the checksum can tell
+    else:
+        del raw[len(raw) // 2:]
+    state.write_bytes(bytes(raw))
+    spy = _spy(monkeypatch)
+    _train("MLP", data, tmp_path / "damaged", **PLATEAU)
+    assert "damaged training state" in caplog.text
+    assert spy.calls == 1 + PLATEAU["patience"]  # every epoch again, from scratch
+    _assert_same_run(tmp_path / "whole", tmp_path / "damaged")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
@@ -12,7 +16,7 @@ from lowrank_core import teacher
 from lowrank_core.data import SyntheticSpec, generate_synthetic, validate_dataset
 from lowrank_core.errors import ConfigError, LowrankError
 from lowrank_core.io import read_json, write_json
-from lowrank_core.lm_data import IGNORE_INDEX, ChatBatcher
+from lowrank_core.lm_data import ChatBatcher
 from lowrank_core.modeling import load_model, load_processor
 from lowrank_core.training import HISTORY_COLUMNS, Batches, TrainConfig, train_loop
 
@@ -39,39 +43,17 @@ def run_teacher(inputs, root, cfg):
     return teacher.train_teacher(*inputs, cfg, IMAGE_SIZE, root / "out", root / "state", root / "tb")
 
 
-def test_labels_are_ignored_everywhere_but_the_answer(tiny_model_dir, inputs):
-    processor = load_processor(tiny_model_dir)
-    records = read_json(inputs[1])["splits"]["train"]["records"][:2]
-    batcher = ChatBatcher(processor, "Is this image real or tampered?", "tampered", "real", IMAGE_SIZE)
-    batch = batcher(records)
-    tokenizer = processor.tokenizer
-    for row, record in enumerate(records):
-        labels, ids = batch["labels"][row], batch["input_ids"][row]
-        answer = labels != IGNORE_INDEX
-        word = "tampered" if record["label"] == 1 else "real"
-        assert tokenizer.decode(labels[answer]) == f"{word}<|im_end|>"
-        assert torch.equal(labels[answer], ids[answer])
-        positions = answer.nonzero().flatten()
-        assert torch.equal(positions, torch.arange(positions[0], positions[-1] + 1))  # one contiguous answer span
-        assert batch["attention_mask"][row, positions[-1] + 1:].sum() == 0  # only padding after the answer
-        assert batch["attention_mask"][row, :positions[-1] + 1].all()
-    image_tokens = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert torch.equal(batch["mm_token_type_ids"].bool(), image_tokens)
-    assert (batch["labels"][image_tokens] == IGNORE_INDEX).all()
-    assert batch["image_grid_thw"].shape == (2, 3)
-    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(1).sum())
+def text_dataset(root, counts=(("train", 16), ("val", 4), ("test", 2))):
+    """A text dataset whose label is in the words: tampered passages say "forged", real ones "genuine"."""
+    files = {}
+    for split, count in counts:
+        files[split] = root / f"{split}.json"
+        write_json(files[split], [{"text": f"{split} note {i}: the seal is {'forged' if i % 2 else 'genuine'}.",
+                                   "label": i % 2} for i in range(count)])
+    return files
 
 
-def test_text_only_batches_carry_the_question_alone(tiny_model_dir):
-    tokenizer = load_processor(tiny_model_dir).tokenizer
-    batch = ChatBatcher(tokenizer, "Is this image real or tampered?", "tampered", "real")(
-        [{"label": 1}, {"label": 0}])
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert "<|image_pad|>" not in tokenizer.decode(batch["input_ids"][0])
-    assert tokenizer.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX]) == "real<|im_end|>"
-
-
-def test_text_only_causal_lm_trains_the_same_way(tiny_model_dir, inputs, tmp_path):
+def test_text_only_causal_lm_learns_from_text_records(tiny_model_dir, tmp_path):
     tokenizer = load_processor(tiny_model_dir).tokenizer
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -79,11 +61,17 @@ def test_text_only_causal_lm_trains_the_same_way(tiny_model_dir, inputs, tmp_pat
     model.save_pretrained(tmp_path / "text_model")
     tokenizer.save_pretrained(tmp_path / "text_model")
     write_json(tmp_path / "model.json", {"path": str(tmp_path / "text_model"), "dtype": "float32"})
+    write_json(tmp_path / "manifest.json", validate_dataset(text_dataset(tmp_path), "text"))
 
-    summary = run_teacher((tmp_path / "model.json", inputs[1]), tmp_path, config(max_steps=8, lr=1e-2))
+    cfg = config(max_steps=60, batch_size=4, lr=1e-2, eval_every=20, checkpoint_every=60)
+    summary = run_teacher((tmp_path / "model.json", tmp_path / "manifest.json"), tmp_path, cfg)
     history = pd.read_csv(tmp_path / "out" / "history.csv")
     assert summary["image_size"] is None
-    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert history["loss"].tail(5).mean() < 0.1 * history["loss"].head(5).mean()
+    # A model blind to the text can at best split its first answer token 50/50: a loss of ln 2 over the answer.
+    answer_lengths = {len(ids) for ids in ChatBatcher(tokenizer, cfg.question, cfg.positive_word,
+                                                      cfg.negative_word).answer_ids.values()}
+    assert history["val_loss"].dropna().iloc[-1] < math.log(2) / max(answer_lengths)
     tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert isinstance(tuned, transformers.Qwen2ForCausalLM)
 
@@ -111,34 +99,62 @@ def test_teacher_learns_and_writes_a_loadable_model(tiny_model_dir, inputs, tmp_
     assert saved_vocab == load_processor(tiny_model_dir).tokenizer.get_vocab()
 
 
-def test_killed_job_resumes_to_the_same_weights(inputs, tmp_path, monkeypatch):
-    cfg = config(grad_accum=2)
-    run_teacher(inputs, tmp_path / "uninterrupted", cfg)
-
+def kill_in_step_five(inputs, root, cfg, monkeypatch):
+    """Run the teacher until its first micro-batch of step 5 raises, as a killed job would stop."""
     calls = {"train": 0}
     lm_loss = teacher.lm_loss
 
     def dies_in_step_five(model, batch):
         calls["train"] += model.training
-        if calls["train"] == 9:  # first micro-batch of step 5; the last checkpoint is at step 4
+        if calls["train"] == 9:  # first micro-batch of step 5 with grad_accum 2
             raise RuntimeError("killed")
         return lm_loss(model, batch)
 
     with monkeypatch.context() as patch:
         patch.setattr(teacher, "lm_loss", dies_in_step_five)
         with pytest.raises(RuntimeError, match="killed"):
-            run_teacher(inputs, tmp_path / "killed", cfg)
-    assert not (tmp_path / "killed" / "out").exists()
-    summary = run_teacher(inputs, tmp_path / "killed", cfg)
+            run_teacher(inputs, root, cfg)
+    assert not (root / "out").exists()
 
-    assert summary["resumed_from_step"] == 4
-    expected = load_file(tmp_path / "uninterrupted" / "out" / "model.safetensors")
-    resumed = load_file(tmp_path / "killed" / "out" / "model.safetensors")
+
+def assert_same_run(root, reference):
+    expected = load_file(reference / "out" / "model.safetensors")
+    resumed = load_file(root / "out" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
     columns = ["step", "loss", "lr", "val_loss"]
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / "out" / "history.csv")[columns],
-                                  pd.read_csv(tmp_path / "uninterrupted" / "out" / "history.csv")[columns])
+    pd.testing.assert_frame_equal(pd.read_csv(root / "out" / "history.csv")[columns],
+                                  pd.read_csv(reference / "out" / "history.csv")[columns])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    """A run of `config(grad_accum=2)` that nothing interrupted: checkpoints at steps 2, 4 and 6."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_teacher(inputs, root, config(grad_accum=2))
+    return root
+
+
+def test_killed_job_resumes_to_the_same_weights(inputs, uninterrupted, tmp_path, monkeypatch):
+    kill_in_step_five(inputs, tmp_path, config(grad_accum=2), monkeypatch)
+    assert sorted(p.name for p in (tmp_path / "state" / "checkpoint").iterdir()) == ["step-00000002",
+                                                                                     "step-00000004"]
+    assert run_teacher(inputs, tmp_path, config(grad_accum=2))["resumed_from_step"] == 4
+    assert_same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("damaged, resumed_from", [(["step-00000004"], 2), (["step-00000004", "step-00000002"], 0)])
+def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(inputs, uninterrupted, tmp_path, monkeypatch, caplog,
+                                                               damaged, resumed_from):
+    kill_in_step_five(inputs, tmp_path, config(grad_accum=2), monkeypatch)
+    for name in damaged:
+        weights = tmp_path / "state" / "checkpoint" / name / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # one flipped bit pattern in the last weight: still a loadable file, a wrong checksum
+        weights.write_bytes(bytes(data))
+    assert run_teacher(inputs, tmp_path, config(grad_accum=2))["resumed_from_step"] == resumed_from
+    assert "weights.safetensors fails its checksum" in caplog.text
+    assert_same_run(tmp_path, uninterrupted)
 
 
 def test_changed_config_starts_over_instead_of_resuming(inputs, tmp_path):
@@ -194,3 +210,27 @@ def test_shuffle_is_seeded_per_epoch():
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         TrainConfig.from_dict(overrides)
+
+
+def test_two_data_parallel_processes_match_one_process(inputs, tmp_path):
+    """The same global batch split over 2 gloo processes ends at the weights of a single-process run."""
+    cfg = config(batch_size=4, checkpoint_every=3)
+    single = run_teacher(inputs, tmp_path / "single", cfg)
+    parallel = tmp_path / "parallel"
+    launch = (f"import torch; torch.set_num_threads(1)\n"
+              f"from lowrank_core.distributed import launch\n"
+              f"from lowrank_core.teacher import train_teacher\n"
+              f"from lowrank_core.training import TrainConfig\n"
+              f"launch(train_teacher, {str(inputs[0])!r}, {str(inputs[1])!r}, TrainConfig.from_dict({cfg.to_dict()!r}),"
+              f" {IMAGE_SIZE}, {str(parallel / 'out')!r}, {str(parallel / 'state')!r}, {str(parallel / 'tb')!r},"
+              f" processes=2)\n")
+    result = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(parallel / "out" / "train_summary.json")
+    assert (summary["processes"], single["processes"]) == (2, 1)
+    assert summary["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-4)
+    history = pd.read_csv(parallel / "out" / "history.csv")
+    assert history["loss"].tolist() == pytest.approx(pd.read_csv(tmp_path / "single/out/history.csv")["loss"].tolist(),
+                                                     rel=1e-4)
+    one, two = load_file(tmp_path / "single/out/model.safetensors"), load_file(parallel / "out/model.safetensors")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4

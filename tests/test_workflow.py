@@ -1,17 +1,24 @@
 """The workflow end to end on the embedded default, reruns after config edits, and clean failures."""
 
 import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
 from conftest import REPO, copy_workflow, scheduled_jobs, snakemake, write_yaml
+from lowrank_core.head import load_head
 from lowrank_core.io import load_tensors, read_json
 
 REPORT = "results/reports/ablation.html"
+ARCHS = ("ResMLP", "MLP", "AdaLoRA")
+FEATURE_USERS = {"pretrain_head": 1, "train_lowrank_proj": 3, "compare_lowrank": 3}
+TEACHER = {"train_teacher": 1, "export_delta": 1}
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +59,97 @@ def test_tampering_is_learnable_from_the_features(finished_run):
 
 def test_report_is_self_contained(finished_run):
     page = (finished_run / REPORT).read_text()
-    for heading in ("Provenance", "Dataset", "Vision features", "config hash", "package versions"):
+    for heading in ("Provenance", "Dataset", "Vision features", "Detection head", "Low-rank feature decomposition",
+                    "Teacher full fine-tune", "Is ΔW low-rank?", "config hash", "package versions"):
         assert heading in page
-    assert page.count("data:image/png;base64,") >= 2
+    assert page.count("data:image/png;base64,") >= 2 + 1 + 2 * len(ARCHS) + 2
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
 
 def test_every_job_wrote_its_log_and_benchmark(finished_run):
-    jobs = ["build_tiny_model", "prepare_model", "make_synthetic_dataset", "prepare_dataset", "report"]
+    jobs = ["build_tiny_model", "prepare_model", "make_synthetic_dataset", "prepare_dataset", "pretrain_head",
+            "train_teacher", "export_delta", "report"]
     jobs += [f"extract_features_{split}" for split in ("train", "val", "test")]
-    for job in jobs:
-        assert (finished_run / f"results/logs/{job}.log").is_file(), job
+    jobs += [f"compare_lowrank_{arch}" for arch in ARCHS]
+    logs = [f"results/logs/{job}.log" for job in jobs] + [f"results/lowrank/{arch}/train.log" for arch in ARCHS]
+    for log in logs:
+        assert (finished_run / log).is_file(), log
+    for job in jobs + [f"train_lowrank_proj_{arch}" for arch in ARCHS]:
         assert (finished_run / f"results/benchmarks/{job}.tsv").read_text().startswith("s\t"), job
+
+
+def test_head_learns_to_detect_and_localise(finished_run):
+    metrics = read_json(finished_run / "results/head/metrics.json")
+    test = metrics["test"]
+    assert test["classification"]["roc_auc"] > 0.75 and test["classification"]["n"] == 48
+    assert test["pixel"]["pixel_iou"] > test["pixel"]["all_zero"]["pixel_iou"] + 0.1
+    history = pd.read_csv(finished_run / "results/head/history.csv")
+    assert list(history["phase"].unique()) == ["warm", "joint"] and len(history) == 3 + 15
+    assert history[history["phase"] == "joint"]["val_roc_auc"].max() == metrics["best_val_roc_auc"]
+    head = load_head(finished_run / "results/head/head.safetensors")
+    assert head.init_args == {"in_dim": 64, "hidden": 64, "dropout": 0.1}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_lowrank_net_learns_and_never_beats_the_svd(finished_run, arch):
+    history = read_json(finished_run / f"results/lowrank/{arch}/history.json")
+    assert history["best_val_mse"] < 0.1 * history["initial_val_mse"]
+    assert history["stop_reason"] in ("early_stopping", "max_epochs") and history["epochs_run"] <= 60
+    assert [e["epoch"] for e in history["epochs"]] == list(range(1, history["epochs_run"] + 1))
+    comparison = read_json(finished_run / f"results/lowrank/{arch}/comparison.json")
+    assert comparison["n_samples"] == 48 and comparison["rank"] == 8
+    assert comparison["network"]["mse"] >= comparison["svd"]["mse"] > 0
+    assert comparison["network"]["energy_captured"] > 0.05  # better than predicting zeros
+    assert comparison["ratio"]["mse"] == pytest.approx(comparison["network"]["mse"] / comparison["svd"]["mse"])
+    assert comparison["network"]["seconds_per_sample"] > 0 and comparison["svd"]["seconds_per_sample"] > 0
+    assert (finished_run / f"results/state/lowrank/{arch}/state.safetensors").is_file()
+
+
+def test_extra_epochs_continue_the_finished_run(finished_run, tmp_path):
+    """Raising `lowrank.extra_epochs` reruns training from the stored state instead of from scratch."""
+    workdir = tmp_path / "workflow"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    before = read_json(workdir / "results/lowrank/MLP/history.json")
+    edit = write_yaml(tmp_path / "edit.yaml", "lowrank:\n  extra_epochs: 4\n")
+    result = snakemake(workdir, "results/lowrank/MLP/comparison.json", "--configfile", "config/config.yaml", str(edit))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert scheduled_jobs(result.stdout + result.stderr) == {"train_lowrank_proj": 1, "compare_lowrank": 1}
+    after = read_json(workdir / "results/lowrank/MLP/history.json")
+    assert after["segments"][0] == before["segments"][0] and len(after["segments"]) == 2
+    assert after["epochs"][: before["epochs_run"]] == before["epochs"]
+    assert before["epochs_run"] < after["epochs_run"] <= before["epochs_run"] + 4
+
+
+def test_teacher_is_a_loadable_fine_tune_with_its_logs(finished_run):
+    from transformers import AutoModelForImageTextToText
+
+    teacher = finished_run / "results/teacher/model"
+    history = pd.read_csv(teacher / "history.csv")
+    assert list(history["step"]) == list(range(1, 61))
+    val_loss = history["val_loss"].dropna()
+    assert val_loss.iloc[-1] < 0.5 * history["loss"].iloc[0]
+    model = AutoModelForImageTextToText.from_pretrained(teacher)
+    base = AutoModelForImageTextToText.from_pretrained(finished_run / "data/models/tiny")
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, base.get_parameter(name))]
+    assert any(".visual." in name for name in changed) and any("language_model" in name for name in changed)
+    assert list((finished_run / "results/tensorboard/teacher").rglob("events.out.tfevents.*"))
+    assert (finished_run / "results/state/teacher/checkpoint").is_dir()
+
+
+def test_delta_export_holds_lora_factors_of_the_teachers_change(finished_run):
+    delta = finished_run / "results/delta"
+    analysis = read_json(delta / "svd_analysis.json")
+    assert analysis["ranks"] == [4, 8, 16, 32] and analysis["groups"]["all"]["modules"] > 0
+    assert {"vision", "language"} <= set(analysis["groups"]["by_tower"])
+    energy = analysis["groups"]["all"]["energy"]
+    assert 0 < energy["4"] <= energy["8"] <= energy["16"] <= energy["32"] <= 1 + 1e-6
+    for rank in analysis["ranks"]:
+        factors, _ = load_tensors(delta / f"factors_r{rank}.safetensors")
+        module = analysis["modules"][0]
+        out_features, in_features = module["shape"]
+        assert factors[f"{module['name']}.lora_A"].shape == (rank, in_features)
+        assert factors[f"{module['name']}.lora_B"].shape == (out_features, rank)
+    assert "Energy captured" in (delta / "svd_summary.txt").read_text()
 
 
 def test_a_rerun_without_changes_does_nothing(finished_run):
@@ -74,11 +160,18 @@ def test_a_rerun_without_changes_does_nothing(finished_run):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("features:\n  batch_size: 8\n", {"extract_features": 3, "report": 1, "all": 1}),
+        ("features:\n  batch_size: 8\n", {"extract_features": 3, **FEATURE_USERS, "report": 1, "all": 1}),
         ("dataset:\n  synthetic:\n    seed: 7\n",
-         {"make_synthetic_dataset": 1, "prepare_dataset": 1, "extract_features": 3, "report": 1, "all": 1}),
+         {"make_synthetic_dataset": 1, "prepare_dataset": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER,
+          "report": 1, "all": 1}),
         ("model:\n  tiny:\n    seed: 7\n",
-         {"build_tiny_model": 1, "prepare_model": 1, "extract_features": 3, "report": 1, "all": 1}),
+         {"build_tiny_model": 1, "prepare_model": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER, "report": 1,
+          "all": 1}),
+        ("head:\n  hidden: 32\n", {"pretrain_head": 1, "report": 1, "all": 1}),
+        ("lowrank:\n  extra_epochs: 5\n", {"train_lowrank_proj": 3, "compare_lowrank": 3, "report": 1, "all": 1}),
+        ("lowrank:\n  archs: [MLP]\n", {"report": 1, "all": 1}),
+        ("teacher:\n  max_steps: 50\n", {**TEACHER, "report": 1, "all": 1}),
+        ("delta:\n  ranks: [4, 8]\n", {"export_delta": 1, "report": 1, "all": 1}),
         ("resources:\n  extract_features:\n    mem_mb: 3000\n", {}),
     ],
 )
@@ -132,7 +225,10 @@ def test_example_configs_validate_and_dry_run(tmp_path, example):
     jobs = scheduled_jobs(result.stdout + result.stderr)
     assert "build_tiny_model" not in jobs and "make_synthetic_dataset" not in jobs
     assert jobs["prepare_model"] == 1 and jobs["report"] == 1
-    assert jobs.get("extract_features", 0) == (0 if "text" in example.stem else 3)
+    vision = "text" not in example.stem
+    assert jobs.get("extract_features", 0) == (3 if vision else 0)
+    assert jobs.get("pretrain_head", 0) == jobs.get("compare_lowrank", 0) // 3 == int(vision)
+    assert jobs["train_teacher"] == jobs["export_delta"] == 1
 
 
 def test_lint_is_clean():
