@@ -1,0 +1,128 @@
+"""The execution profiles, and a slice of the workflow through a real single-node SLURM with profiles/slurm.
+
+The SLURM test installs Debian's slurm-wlm and munge when they are missing (root and apt-get needed, otherwise it
+is skipped with the reason), starts munged, slurmctld and slurmd with a slurm.conf in a temporary directory
+(tests/slurm_cluster.py), runs `snakemake --profile profiles/slurm results/head/metrics.json` and stops the daemons
+it started. It prints its wall time next to the same slice run locally with --cores 2.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, copy_workflow, scheduled_jobs, snakemake
+from lowrank_core.io import read_json
+from slurm_cluster import SingleNodeSlurm, SlurmUnavailable, ensure_installed
+
+SLICE = "results/head/metrics.json"
+# One SLURM job per rule job of the slice; the plugin writes `rule_<name>[_wildcards_<values>]` as the job comment.
+SLICE_JOBS = {"rule_build_tiny_model", "rule_make_synthetic_dataset", "rule_prepare_model", "rule_prepare_dataset",
+              "rule_extract_features_wildcards_train", "rule_extract_features_wildcards_val",
+              "rule_extract_features_wildcards_test", "rule_pretrain_head"}
+# What a cluster without accounting needs (no sacct, no account); the first status check comes after 1 s, the
+# plugin's minimum, instead of 40 s. Logs of successful jobs are kept to be checked.
+NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account",
+                 "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    # one test cluster per machine at a time: a concurrent run waits here instead of sharing daemons it may stop
+    with open(Path(tempfile.gettempdir()) / "lowrank-test-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ensure_installed()
+            cluster = SingleNodeSlurm(tmp_path_factory.mktemp("slurm")).start()
+        except SlurmUnavailable as reason:
+            pytest.skip(f"no SLURM cluster on this machine: {reason}")
+        yield cluster
+        cluster.stop()
+
+
+def test_slurm_profile_plans_the_workflow(tmp_path):
+    workdir = copy_workflow(tmp_path / "workflow")
+    command = [sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "slurm"), "--dry-run"]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Using profile" in output and scheduled_jobs(output).get("pretrain_head") == 1
+
+
+GPU_JOBS = """
+rule all:
+    input: expand("done/{i}", i=range(4))
+
+rule gpu_job:
+    output: "done/{i}"
+    threads: 1
+    resources: gpu=1
+    shell: "date +%s.%N > {output}; sleep 1.5; date +%s.%N >> {output}"
+"""
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_local_profile_never_runs_more_gpu_jobs_than_gpus(tmp_path, gpus):
+    (tmp_path / "Snakefile").write_text(GPU_JOBS)
+    command = [sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "local")]
+    if gpus != 1:  # the profile's N is 1; the command line sets another
+        command += ["--resources", f"gpu={gpus}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    spans = [tuple(map(float, path.read_text().split())) for path in (tmp_path / "done").iterdir()]
+    most_at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
+    assert most_at_once == gpus  # 4 one-GPU jobs and 8 cores: the GPUs are the limit
+
+
+@pytest.mark.slow
+def test_slice_runs_through_slurm(slurm, tmp_path, capsys):
+    workdir = copy_workflow(tmp_path / "slurm_run")
+    command = [sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "slurm"), SLICE, *NO_ACCOUNTING]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=workdir, env={**slurm.env, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=480)
+    slurm_seconds = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:] + "\n" + slurm.logs()
+
+    # Every job went through sbatch: one SLURM job per rule job, each with its own log.
+    run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
+    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output))
+    assert len(submitted) == len(SLICE_JOBS) == len(set(submitted.values()))
+    queue = slurm.run("squeue", "--states=all", f"--name={run_id}", "--noheader", "--format=%i|%k|%T|%C|%m|%l")
+    jobs = [line.split("|") for line in queue.stdout.splitlines()]
+    assert {job[0] for job in jobs} == set(submitted.values()), queue.stdout + queue.stderr
+    assert {job[1] for job in jobs} == SLICE_JOBS
+    for job_id, comment, state, cpus, memory, time_limit in jobs:
+        # the config's resources.default (threads 2, mem_mb 2000, runtime 30) became the job's allocation
+        assert (state, cpus, memory, time_limit) == ("COMPLETED", "2", "2000M", "30:00"), comment
+        assert list((workdir / ".snakemake" / "slurm_logs").glob(f"rule_*/**/{job_id}.log")), comment
+    if slurm.own_controller:  # and our slurmctld allocated each of them
+        assert all(f"Allocate JobId={job_id} " in slurm.controller_log() for job_id in submitted.values())
+
+    # The outputs are right: the head learned to detect tampering.
+    metrics = read_json(workdir / SLICE)
+    assert metrics["test"]["classification"]["roc_auc"] > 0.5
+    for name in ("head.safetensors", "head.json", "history.csv", "heatmaps.png"):
+        assert (workdir / "results" / "head" / name).stat().st_size > 0
+
+    # The same slice run locally, for the time it takes and the same results.
+    local_dir = copy_workflow(tmp_path / "local_run")
+    start = time.perf_counter()
+    local = snakemake(local_dir, SLICE)
+    local_seconds = time.perf_counter() - start
+    assert local.returncode == 0, local.stdout[-3000:]
+    local_metrics = read_json(local_dir / SLICE)
+    assert metrics["test"]["classification"] == pytest.approx(local_metrics["test"]["classification"])
+
+    with capsys.disabled():
+        print(f"\n{SLICE} ({len(SLICE_JOBS)} jobs): {slurm_seconds:.0f} s through SLURM (sbatch per job, "
+              f"squeue polling), {local_seconds:.0f} s locally with --cores 2 ({os.cpu_count()} CPUs)")
