@@ -1,0 +1,61 @@
+"""Jobs that survive faults: a training job killed with SIGKILL under Snakemake resumes from its last checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import copy_workflow, snakemake, write_yaml
+from lowrank_core.io import read_json
+
+TEACHER = "results/teacher/model"
+# 60 steps with a checkpoint every 10: a kill costs at most 9 steps of work
+SETTINGS = "teacher:\n  max_steps: 60\n  checkpoint_every: 10\n"
+
+
+def start_snakemake(workdir, *args) -> subprocess.Popen:
+    """Snakemake in its own process group, so that a SIGKILL reaches it and every job it started."""
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    return subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_teacher_killed_mid_training_resumes_to_the_same_weights(tmp_path):
+    reference = copy_workflow(tmp_path / "reference")
+    edit = write_yaml(tmp_path / "edit.yaml", SETTINGS)
+    done = snakemake(reference, TEACHER, "--configfile", "config/config.yaml", str(edit))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    workdir = copy_workflow(tmp_path / "killed")
+    job = start_snakemake(workdir, TEACHER, "--configfile", "config/config.yaml", str(edit))
+    checkpoints = workdir / "results/state/teacher/checkpoint"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("step-*")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.poll() is None, "the job finished before its first checkpoint"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (workdir / TEACHER).exists()  # no half-written declared output
+
+    resumed = snakemake(workdir, TEACHER, "--configfile", "config/config.yaml", str(edit))  # stale lock: Snakemake
+    if "cannot be locked" in resumed.stdout + resumed.stderr:  # refuses until told the old run is gone
+        snakemake(workdir, "--unlock", "--configfile", "config/config.yaml", str(edit))
+        resumed = snakemake(workdir, TEACHER, "--configfile", "config/config.yaml", str(edit))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    summary = read_json(workdir / TEACHER / "train_summary.json")
+    assert summary["resumed_from_step"] >= 10 and summary["resumed_from_step"] % 10 == 0
+    print(f"\nkilled after the step-{summary['resumed_from_step']} checkpoint; resumed from step "
+          f"{summary['resumed_from_step']} of 60 (at most 9 steps of work lost)")
+    expected, actual = (load_file(root / TEACHER / "model.safetensors") for root in (reference, workdir))
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    columns = ["step", "loss", "lr", "val_loss"]
+    pd.testing.assert_frame_equal(pd.read_csv(workdir / TEACHER / "history.csv")[columns],
+                                  pd.read_csv(reference / TEACHER / "history.csv")[columns])
