@@ -18,7 +18,7 @@ log = logging.getLogger("lowrank_core")
 
 
 def run_step(step: Callable[[], object], log_file: str | None, threads: int) -> None:
-    """Run `step` with logging to `log_file` and stderr and `threads` torch threads.
+    """Run `step` with logging to `log_file` and stderr and `threads` torch threads (at most the CPUs).
 
     A `LowrankError` (bad config, data or checkpoint) ends the process with its one-line message and exit code 1;
     anything else is a bug and keeps its traceback.
@@ -30,8 +30,9 @@ def run_step(step: Callable[[], object], log_file: str | None, threads: int) -> 
                         handlers=handlers, force=True)
     logging.captureWarnings(True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = max(1, int(threads))
+    threads = max(1, min(int(threads), len(os.sched_getaffinity(0))))  # never more threads than CPUs
     torch.set_num_threads(threads)
+    log.info("%d torch threads (OMP_NUM_THREADS=%s)", torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
     try:
         step()
     except LowrankError as err:

@@ -2,9 +2,15 @@
 
 import hashlib
 import json
+import math
+import os
 
 
 SPLITS = ("train", "val", "test")
+# `--cores` above this machine's CPUs (the README's `--cores 8` on a 2-core laptop) would run more torch threads
+# than CPUs at once: every job's claim is scaled up by the excess, so that the jobs running together never claim
+# more than the CPUs; `run_step` caps each job's torch threads at the CPUs.
+CORES_PER_CPU = max(1.0, (workflow.resource_settings.cores or 0) / len(os.sched_getaffinity(0)))
 VISION = config["model"]["modality"] == "vision_language"
 ARCHS = config["lowrank"]["archs"]
 
@@ -40,7 +46,9 @@ def rule_resources(rule_name):
 
 
 def rule_threads(rule_name):
-    return config["resources"].get(rule_name, {}).get("threads", config["resources"]["default"]["threads"])
+    """The rule's `threads` from the config, scaled by CORES_PER_CPU."""
+    threads = config["resources"].get(rule_name, {}).get("threads", config["resources"]["default"]["threads"])
+    return math.ceil(threads * CORES_PER_CPU)
 
 
 def log_path(rule_name, wildcards=""):

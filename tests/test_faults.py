@@ -1,6 +1,8 @@
-"""Jobs that survive faults: a training job killed with SIGKILL under Snakemake resumes from its last checkpoint."""
+"""Jobs that survive faults and share the machine: a SIGKILLed training job resumes, threads never oversubscribe."""
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,3 +61,18 @@ def test_a_teacher_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     columns = ["step", "loss", "lr", "val_loss"]
     pd.testing.assert_frame_equal(pd.read_csv(workdir / TEACHER / "history.csv")[columns],
                                   pd.read_csv(reference / TEACHER / "history.csv")[columns])
+
+
+def test_more_cores_than_cpus_never_oversubscribes(tmp_path):
+    """`--cores 8` on a smaller machine: each job claims enough cores that the jobs running together fit the CPUs,
+    and no job runs more torch threads than the CPUs."""
+    cpus = len(os.sched_getaffinity(0))
+    workdir = copy_workflow(tmp_path / "workflow")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "8", "results/model/model.json"], cwd=workdir,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    claims = {int(n) for n in re.findall(r"^\s+threads: (\d+)$", done.stdout + done.stderr, re.M)}
+    assert claims == {min(8, math.ceil(2 * max(1.0, 8 / cpus)))}  # resources.default.threads is 2
+    for job in ("build_tiny_model", "prepare_model"):
+        log = (workdir / f"results/logs/{job}.log").read_text()
+        assert f"INFO lowrank_core: {min(2, cpus)} torch threads" in log, job
