@@ -59,15 +59,14 @@ def benchmark_path(rule_name, wildcards=""):
     return f"results/benchmarks/{rule_name}{wildcards}.tsv"
 
 
-def model_checkpoint_input(wildcards):
-    if config["model"]["source"] == "tiny":
-        return "data/models/tiny"
-    return f"{config['model']['source']}/config.json"
-
-
 def model_dir():
     """The base checkpoint directory: the built tiny model or the configured local checkpoint."""
     return "data/models/tiny" if config["model"]["source"] == "tiny" else config["model"]["source"]
+
+
+def model_checkpoint_input(wildcards):
+    """The tiny model's directory (a rule output), or a local checkpoint's config.json (a file that must exist)."""
+    return model_dir() if config["model"]["source"] == "tiny" else f"{model_dir()}/config.json"
 
 
 def annotation_input(wildcards):
