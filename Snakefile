@@ -24,6 +24,7 @@ include: "rules/features.smk"
 include: "rules/head.smk"
 include: "rules/lowrank.smk"
 include: "rules/teacher.smk"
+include: "rules/lora.smk"
 include: "rules/report.smk"
 
 

@@ -69,11 +69,11 @@ def extract_features(model_info_path: str | Path, manifest_path: str | Path, spl
         grid = _merged_grid(inputs["image_grid_thw"], image_processor.merge_size)
     grid_h, grid_w = grid
     features = torch.stack(chunks)
-    token_masks, has_mask = _token_masks(records, cfg.image_size, grid_h, grid_w)
+    masks, has_mask = token_masks(records, cfg.image_size, grid_h, grid_w)
     tensors = {
         "features": features.to(getattr(torch, cfg.dtype)),
         "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64),
-        "token_masks": token_masks,
+        "token_masks": masks,
         "has_mask": has_mask,
     }
     metadata = {
@@ -97,7 +97,7 @@ def _merged_grid(grid_thw: torch.Tensor, merge_size: int) -> tuple[int, int]:
     return grids.pop()
 
 
-def _token_masks(records: list[dict], image_size: int, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_masks(records: list[dict], image_size: int, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tampered fraction per token cell, and whether the record has a mask at all."""
     masks, has_mask = [], []
     for record in records:

@@ -84,13 +84,17 @@ class DetectionHead(nn.Module):
     def forward(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T, C], T row-major over a grid_h x grid_w grid, any float dtype (cast to the head's)
         → (image logits [B], heat-map logits [B, grid_h, grid_w])."""
+        return self.outputs(tokens, grid_h, grid_w)[:2]
+
+    def outputs(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, ...]:
+        """`forward`'s logits and the pooled (mean, max) projected tokens [B, 2 * hidden] they are classified from."""
         batch, count, _ = tokens.shape
         if count != grid_h * grid_w:
             raise LowrankError(f"detection head: {count} tokens do not fill a {grid_h}x{grid_w} grid")
         hidden = self.project(tokens.to(self.classify.weight.dtype))
-        image_logits = self.classify(torch.cat([hidden.mean(dim=1), hidden.amax(dim=1)], dim=-1)).squeeze(-1)
+        pooled = torch.cat([hidden.mean(dim=1), hidden.amax(dim=1)], dim=-1)
         grid = hidden.transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
-        return image_logits, self.localise(grid).squeeze(1)
+        return self.classify(pooled).squeeze(-1), self.localise(grid).squeeze(1), pooled
 
 
 def save_head(head: DetectionHead, path: str | Path, metadata: dict | None = None) -> None:

@@ -27,7 +27,9 @@ class ChatBatcher:
     `processor` is a vision-language processor (then `image_size` is the square side images are resized to)
     or a tokenizer with a chat template (then `image_size` is None and the records' text comes before the
     question). The answer ids are located once, after a question-only prompt: the template closes the user turn
-    before the assistant's, so they do not depend on what the prompt holds.
+    before the assistant's, so they do not depend on what the prompt holds. `fusion_tokens` placeholder tokens (the
+    pad token) go right after the image; batches then carry `fusion_mask`, true at those positions, where a hybrid
+    student writes its fusion embeddings.
     """
 
     processor: Any
@@ -35,12 +37,14 @@ class ChatBatcher:
     positive_word: str
     negative_word: str
     image_size: int | None = None
+    fusion_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
+        self.fusion_text = self.tokenizer.convert_ids_to_tokens(self.pad_id) * self.fusion_tokens
         self.answer_ids = {label: self._answer_ids(word)
                            for label, word in ((1, self.positive_word), (0, self.negative_word))}
 
@@ -50,7 +54,8 @@ class ChatBatcher:
             text = self.question if record is None else f"{_text(record)}\n\n{self.question}"
             user = {"role": "user", "content": text}
         else:
-            user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}
+            user = {"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": self.fusion_text + self.question}]}
         if answer is None:
             return [user]
         return [user, {"role": "assistant", "content": answer if self.image_size is None
@@ -89,6 +94,8 @@ class ChatBatcher:
             else:  # image inputs (pixel_values, image_grid_thw)
                 encoded[key] = value
         encoded["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer])
+        if self.fusion_tokens:
+            encoded["fusion_mask"] = (encoded["input_ids"] == self.pad_id).long()
         return encoded
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:

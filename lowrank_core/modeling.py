@@ -129,7 +129,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
         ),
         image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # as Qwen2.5-VL-7B: lm_head can take an adapter that merges cleanly
     )
     model = transformers.Qwen2_5_VLForConditionalGeneration(config)
     image_processor = transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(

@@ -1,4 +1,4 @@
-"""Report sections of the stages after feature extraction: detection head, low-rank nets, teacher, ΔW analysis.
+"""Report sections of the stages after feature extraction: detection head, low-rank nets, teacher, ΔW, LoRA grid.
 
 Each builder reads the files its stage wrote; `stage_sections` picks the sections whose inputs are present.
 """
@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from .io import read_json
 from .report import ReportSection, figure_html, png_html, table
+from .report_lora import lora_section
 
 HEAD_INPUTS = ("metrics", "history", "heatmaps")
 LOWRANK_INPUTS = ("comparison", "spatial", "history", "curve")
@@ -24,7 +25,8 @@ HEAD_KEYS = ("best_epoch", "best_val_roc_auc", "selected_by", "pixel_masks", "pa
 
 
 def stage_sections(inputs: dict[str, str]) -> list[ReportSection]:
-    """The head, low-rank, teacher and ΔW sections, in this order, each only when all its inputs are present."""
+    """The head, low-rank, teacher, ΔW and LoRA grid sections, in this order, each only when all its inputs are
+    present."""
     sections = []
     if all(f"head_{name}" in inputs for name in HEAD_INPUTS):
         sections.append(head_section(*(inputs[f"head_{name}"] for name in HEAD_INPUTS)))
@@ -37,6 +39,9 @@ def stage_sections(inputs: dict[str, str]) -> list[ReportSection]:
         sections.append(teacher_section(inputs["teacher"]))
     if "delta" in inputs:
         sections.append(delta_section(inputs["delta"]))
+    lora_inputs = ("lora_table", "lora_references", "lora_history")
+    if all(name in inputs for name in lora_inputs):
+        sections.append(lora_section(*(inputs[name] for name in lora_inputs)))
     return sections
 
 

@@ -285,7 +285,7 @@ def _save_checkpoint(root: Path, run: dict, step: int, history: list[dict], name
         write_json(tmp / "trainer_state.json", {
             **run, "step": step, "history": history, "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "sha256": {name: _sha256(tmp / name) for name in CHECKPOINT_TENSORS},
+            "sha256": {name: sha256(tmp / name) for name in CHECKPOINT_TENSORS},
         })
     for old in _checkpoints(root)[KEEP_CHECKPOINTS:]:
         shutil.rmtree(old)
@@ -337,7 +337,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     """A checkpoint's state JSON and tensors, after checking every tensor file against its recorded checksum."""
     meta = read_json(path / "trainer_state.json")
     for name in CHECKPOINT_TENSORS:
-        if _sha256(path / name) != meta["sha256"][name]:
+        if sha256(path / name) != meta["sha256"][name]:
             raise ValueError(f"{name} fails its checksum")
     weights, _ = load_tensors(path / "weights.safetensors")
     tensors, opt_meta = load_tensors(path / "optimizer.safetensors")
@@ -349,7 +349,7 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

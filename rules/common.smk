@@ -5,6 +5,10 @@ import json
 import math
 import os
 
+from lowrank_core.grid import FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES, PRESETS, STRATEGIES, VISION_OBJECTIVES
+from lowrank_core.errors import ConfigError
+from lowrank_core.grid import arm_path, grid_arms, named_entries
+
 
 SPLITS = ("train", "val", "test")
 # `--cores` above this machine's CPUs (the README's `--cores 8` on a 2-core laptop) would run more torch threads
@@ -13,11 +17,22 @@ SPLITS = ("train", "val", "test")
 CORES_PER_CPU = max(1.0, (workflow.resource_settings.cores or 0) / len(os.sched_getaffinity(0)))
 VISION = config["model"]["modality"] == "vision_language"
 ARCHS = config["lowrank"]["archs"]
+ARMS = grid_arms(config["lora"])
+if not VISION and any(arm["objective"] in VISION_OBJECTIVES for arm in ARMS):
+    raise ConfigError("lora.grid.objectives: a text-only model (model.modality text) can only train objective lm")
+REFERENCES = ("base", "teacher")
+HEAD_LOSS_KEYS = ("hidden", "dropout", "loc_loss", "loc_weight", "threshold")  # what an arm reads of `head`
 
 
 wildcard_constraints:
     split="|".join(SPLITS),
     arch="|".join(ARCHS),
+    objective="|".join(OBJECTIVES),
+    init="|".join(INITS),
+    preset="[^/]+",
+    strategy="[^/]+",
+    seed=r"\d+",
+    reference="|".join(REFERENCES),
 
 
 def config_slice(*keys):
@@ -33,6 +48,39 @@ def lowrank_settings():
     return {key: value for key, value in config_slice("lowrank").items() if key != "archs"}
 
 
+def arm_settings(wildcards):
+    """What one arm reads of the config: its preset and strategy, `lora.train`, and its objective's settings."""
+    lora = config_slice("lora")
+    settings = {"objective": wildcards.objective, "init": wildcards.init, "seed": int(wildcards.seed),
+                "preset": named_entries(PRESETS, lora["presets"])[wildcards.preset],
+                "strategy": named_entries(STRATEGIES, lora["strategies"])[wildcards.strategy],
+                "train": lora["train"], "image_size": config["features"]["image_size"] if VISION else None}
+    if wildcards.objective in VISION_OBJECTIVES:
+        settings["head"] = {key: config["head"][key] for key in HEAD_LOSS_KEYS}
+    if wildcards.objective.startswith("hybrid"):
+        settings |= {key: lora[key] for key in ("fusion_tokens", "lm_weight")}
+    if wildcards.init == "pissa":
+        settings["pissa_niter"] = lora["pissa_niter"]
+    return settings
+
+
+def reference_settings():
+    """What the reference evaluations read: the LM question / answer words, the image size and the threshold."""
+    words = {key: config["lora"]["train"][key] for key in ("question", "positive_word", "negative_word")}
+    return {"objective": "lm", "train": words, "head": {"threshold": config["head"]["threshold"]},
+            "image_size": config["features"]["image_size"] if VISION else None}
+
+
+def arm_inputs(wildcards):
+    """An arm's inputs beyond model and data: the pre-trained head (frozen-head objectives), ΔW (svd init)."""
+    inputs = {}
+    if wildcards.objective in FROZEN_HEAD_OBJECTIVES:
+        inputs["head"] = "results/head/head.safetensors"
+    if wildcards.init == "svd":
+        inputs["delta"] = "results/delta"
+    return inputs
+
+
 def experiment_hash():
     """Hash of everything in the config that can change a result (execution resources excluded)."""
     experiment = {key: value for key, value in config.items() if key != "resources"}
@@ -40,9 +88,10 @@ def experiment_hash():
 
 
 def rule_resources(rule_name):
-    """The rule's entry of `resources`, on top of `resources.default`."""
+    """The rule's entry of `resources`, on top of `resources.default`; `threads` becomes `torch_threads`, the
+    configured count the job's script runs torch with (its `threads` claim is scaled by CORES_PER_CPU)."""
     merged = {**config["resources"]["default"], **config["resources"].get(rule_name, {})}
-    return {key: value for key, value in merged.items() if key != "threads"}
+    return {"torch_threads" if key == "threads" else key: value for key, value in merged.items()}
 
 
 def rule_threads(rule_name):
@@ -78,6 +127,8 @@ def annotation_input(wildcards):
 def report_inputs(wildcards):
     inputs = {"model": "results/model/model.json", "manifest": "results/dataset/manifest.json",
               "teacher": "results/teacher/model", "delta": "results/delta"}
+    inputs |= {f"lora_{name}": f"results/reports/{file}" for name, file in
+               (("table", "ablation.csv"), ("references", "references.csv"), ("history", "ablation_history.csv"))}
     if VISION:
         inputs |= {f"stats_{split}": f"results/features/{split}_stats.json" for split in SPLITS}
         inputs |= {f"head_{name}": f"results/head/{file}"

@@ -25,6 +25,32 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", TinyModelSpec())
 
 
+def vision_inputs(root: Path, model_dir: Path, image_size: int, train: int, val: int, test: int) -> tuple[Path, Path]:
+    """(model_info_json, manifest_json) for the model in `model_dir` and a synthetic dataset of these split sizes."""
+    from lowrank_core.data import SyntheticSpec, generate_synthetic, validate_dataset
+    from lowrank_core.io import write_json
+
+    files = generate_synthetic(root / "data", SyntheticSpec(image_size=image_size, train=train, val=val, test=test))
+    write_json(root / "manifest.json", validate_dataset(files))
+    write_json(root / "model.json", {"path": str(model_dir), "dtype": "float32"})
+    return root / "model.json", root / "manifest.json"
+
+
+def launch_data_parallel(target: str, args: str, processes: int = 2) -> None:
+    """Run `launch(target, *args, processes=processes)` in a fresh single-threaded Python (accelerate's launcher needs
+    a process without an Accelerator yet); `target` is "module:function", `args` the Python source of its arguments,
+    which may use TrainConfig and ArmConfig."""
+    module, function = target.split(":")
+    script = (f"import torch; torch.set_num_threads(1)\n"
+              f"from lowrank_core.distributed import launch\n"
+              f"from lowrank_core.lora import ArmConfig\n"
+              f"from lowrank_core.training import TrainConfig\n"
+              f"from {module} import {function}\n"
+              f"launch({function}, {args}, processes={processes})\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def copy_workflow(dest: Path) -> Path:
     """A fresh copy of the workflow (as in a clean clone) under `dest`."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,14 @@
 
 The SLURM test installs Debian's slurm-wlm and munge when they are missing (root and apt-get needed, otherwise it
 is skipped with the reason), starts munged, slurmctld and slurmd with a slurm.conf in a temporary directory
-(tests/slurm_cluster.py), runs `snakemake --profile profiles/slurm results/head/metrics.json` and stops the daemons
-it started. It prints its wall time next to the same slice run locally with --cores 2.
+(tests/slurm_cluster.py), runs a slice of the default pipeline (dataset -> features -> head, teacher -> one LoRA arm ->
+its evaluation) through `snakemake --profile profiles/slurm` and stops the daemons it started. It prints its wall
+time next to the same slice run locally with --cores 2.
 """
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import re
@@ -23,11 +25,12 @@ from conftest import REPO, copy_workflow, scheduled_jobs, snakemake
 from lowrank_core.io import read_json
 from slurm_cluster import SingleNodeSlurm, SlurmUnavailable, ensure_installed
 
-SLICE = "results/head/metrics.json"
+ARM = "head_frozen/standard/random/later_half/seed0"
+SLICE = ("results/head/metrics.json", f"results/eval/{ARM}/metrics.json")  # dataset -> ... -> one arm, evaluated
 # One SLURM job per rule job of the slice; the plugin writes `rule_<name>[_wildcards_<values>]` as the job comment.
-SLICE_JOBS = {"rule_build_tiny_model", "rule_make_synthetic_dataset", "rule_prepare_model", "rule_prepare_dataset",
-              "rule_extract_features_wildcards_train", "rule_extract_features_wildcards_val",
-              "rule_extract_features_wildcards_test", "rule_pretrain_head"}
+SLICE_JOBS = {"build_tiny_model": 1, "make_synthetic_dataset": 1, "prepare_model": 1, "prepare_dataset": 1,
+              "extract_features": 3, "pretrain_head": 1, "train_teacher": 1, "train_lora": 1, "evaluate": 1}
+ONE_THREAD_RULES = ("train_lora", "evaluate")  # the default config's resources; every other rule has 2 threads
 # What a cluster without accounting needs (no sacct, no account); the first status check comes after 1 s, the
 # plugin's minimum, instead of 40 s. Logs of successful jobs are kept to be checked.
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account",
@@ -85,7 +88,8 @@ def test_local_profile_never_runs_more_gpu_jobs_than_gpus(tmp_path, gpus):
 @pytest.mark.slow
 def test_slice_runs_through_slurm(slurm, tmp_path, capsys):
     workdir = copy_workflow(tmp_path / "slurm_run")
-    command = [sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "slurm"), SLICE, *NO_ACCOUNTING]
+    command = [sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "slurm"), *SLICE,
+               *NO_ACCOUNTING]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, env={**slurm.env, "PYTHONUNBUFFERED": "1"}, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=480)
@@ -96,33 +100,40 @@ def test_slice_runs_through_slurm(slurm, tmp_path, capsys):
     # Every job went through sbatch: one SLURM job per rule job, each with its own log.
     run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
     submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output))
-    assert len(submitted) == len(SLICE_JOBS) == len(set(submitted.values()))
+    assert len(submitted) == sum(SLICE_JOBS.values()) == len(set(submitted.values()))
     queue = slurm.run("squeue", "--states=all", f"--name={run_id}", "--noheader", "--format=%i|%k|%T|%C|%m|%l")
     jobs = [line.split("|") for line in queue.stdout.splitlines()]
     assert {job[0] for job in jobs} == set(submitted.values()), queue.stdout + queue.stderr
-    assert {job[1] for job in jobs} == SLICE_JOBS
-    for job_id, comment, state, cpus, memory, time_limit in jobs:
-        # the config's resources.default (threads 2, mem_mb 2000, runtime 30) became the job's allocation
-        assert (state, cpus, memory, time_limit) == ("COMPLETED", "2", "2000M", "30:00"), comment
+    rules = [job[1].removeprefix("rule_").split("_wildcards_")[0] for job in jobs]
+    assert collections.Counter(rules) == SLICE_JOBS
+    for rule, (job_id, comment, state, cpus, memory, time_limit) in zip(rules, jobs):
+        # the config's resources (threads 2 or 1, mem_mb 2000, runtime 30) became the job's allocation
+        threads = "1" if rule in ONE_THREAD_RULES else "2"
+        assert (state, cpus, memory, time_limit) == ("COMPLETED", threads, "2000M", "30:00"), comment
         assert list((workdir / ".snakemake" / "slurm_logs").glob(f"rule_*/**/{job_id}.log")), comment
     if slurm.own_controller:  # and our slurmctld allocated each of them
         assert all(f"Allocate JobId={job_id} " in slurm.controller_log() for job_id in submitted.values())
 
-    # The outputs are right: the head learned to detect tampering.
-    metrics = read_json(workdir / SLICE)
+    # The outputs are right: the head learned to detect tampering, the arm was trained and evaluated.
+    metrics = read_json(workdir / SLICE[0])
     assert metrics["test"]["classification"]["roc_auc"] > 0.5
     for name in ("head.safetensors", "head.json", "history.csv", "heatmaps.png"):
         assert (workdir / "results" / "head" / name).stat().st_size > 0
+    arm_metrics = read_json(workdir / SLICE[1])
+    assert arm_metrics["classification"]["roc_auc"] > 0.5 and arm_metrics["cost"]["trainable_parameters"] > 0
+    assert (workdir / "results" / "lora" / ARM / "adapter" / "adapter_model.safetensors").is_file()
 
     # The same slice run locally, for the time it takes and the same results.
     local_dir = copy_workflow(tmp_path / "local_run")
     start = time.perf_counter()
-    local = snakemake(local_dir, SLICE)
+    local = snakemake(local_dir, *SLICE)
     local_seconds = time.perf_counter() - start
     assert local.returncode == 0, local.stdout[-3000:]
-    local_metrics = read_json(local_dir / SLICE)
+    local_metrics = read_json(local_dir / SLICE[0])
     assert metrics["test"]["classification"] == pytest.approx(local_metrics["test"]["classification"])
+    local_arm = read_json(local_dir / SLICE[1])
+    assert arm_metrics["classification"] == pytest.approx(local_arm["classification"], rel=1e-3)
 
     with capsys.disabled():
-        print(f"\n{SLICE} ({len(SLICE_JOBS)} jobs): {slurm_seconds:.0f} s through SLURM (sbatch per job, "
-              f"squeue polling), {local_seconds:.0f} s locally with --cores 2 ({os.cpu_count()} CPUs)")
+        print(f"\n{' + '.join(SLICE)} ({sum(SLICE_JOBS.values())} jobs): {slurm_seconds:.0f} s through SLURM "
+              f"(sbatch per job, squeue polling), {local_seconds:.0f} s locally with --cores 2 ({os.cpu_count()} CPUs)")

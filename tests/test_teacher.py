@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -12,8 +10,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from conftest import launch_data_parallel, vision_inputs
 from lowrank_core import teacher
-from lowrank_core.data import SyntheticSpec, generate_synthetic, validate_dataset
+from lowrank_core.data import validate_dataset
 from lowrank_core.errors import ConfigError, LowrankError
 from lowrank_core.io import read_json, write_json
 from lowrank_core.lm_data import ChatBatcher
@@ -26,11 +25,7 @@ IMAGE_SIZE = 32
 @pytest.fixture(scope="module")
 def inputs(tiny_model_dir, tmp_path_factory):
     """(model_info_json, manifest_json) for the tiny model and 16 synthetic images."""
-    root = tmp_path_factory.mktemp("teacher_inputs")
-    files = generate_synthetic(root / "data", SyntheticSpec(image_size=IMAGE_SIZE, train=10, val=4, test=2))
-    write_json(root / "manifest.json", validate_dataset(files))
-    write_json(root / "model.json", {"path": str(tiny_model_dir), "dtype": "float32"})
-    return root / "model.json", root / "manifest.json"
+    return vision_inputs(tmp_path_factory.mktemp("teacher_inputs"), tiny_model_dir, IMAGE_SIZE, 10, 4, 2)
 
 
 def config(**overrides) -> TrainConfig:
@@ -217,15 +212,10 @@ def test_two_data_parallel_processes_match_one_process(inputs, tmp_path):
     cfg = config(batch_size=4, checkpoint_every=3)
     single = run_teacher(inputs, tmp_path / "single", cfg)
     parallel = tmp_path / "parallel"
-    launch = (f"import torch; torch.set_num_threads(1)\n"
-              f"from lowrank_core.distributed import launch\n"
-              f"from lowrank_core.teacher import train_teacher\n"
-              f"from lowrank_core.training import TrainConfig\n"
-              f"launch(train_teacher, {str(inputs[0])!r}, {str(inputs[1])!r}, TrainConfig.from_dict({cfg.to_dict()!r}),"
-              f" {IMAGE_SIZE}, {str(parallel / 'out')!r}, {str(parallel / 'state')!r}, {str(parallel / 'tb')!r},"
-              f" processes=2)\n")
-    result = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_data_parallel("lowrank_core.teacher:train_teacher",
+                         f"{str(inputs[0])!r}, {str(inputs[1])!r}, TrainConfig.from_dict({cfg.to_dict()!r}), "
+                         f"{IMAGE_SIZE}, {str(parallel / 'out')!r}, {str(parallel / 'state')!r}, "
+                         f"{str(parallel / 'tb')!r}")
     summary = read_json(parallel / "out" / "train_summary.json")
     assert (summary["processes"], single["processes"]) == (2, 1)
     assert summary["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-4)

@@ -19,6 +19,11 @@ REPORT = "results/reports/ablation.html"
 ARCHS = ("ResMLP", "MLP", "AdaLoRA")
 FEATURE_USERS = {"pretrain_head": 1, "train_lowrank_proj": 3, "compare_lowrank": 3}
 TEACHER = {"train_teacher": 1, "export_delta": 1}
+# The default grid: 15 arms x 2 seeds; 5 arms have a head objective, 2 the svd init, 1 the light preset.
+ARM_RUNS, HEAD_RUNS, SVD_RUNS, LIGHT_RUNS = 30, 10, 4, 2
+ALL_ARMS = {"train_lora": ARM_RUNS, "evaluate": ARM_RUNS, "evaluate_reference": 2, "collect": 1}
+AXES = ["objective", "preset", "init", "strategy", "seed"]
+PRESET_RANKS = {"light": 2, "standard": 4, "full": 8, "aggressive": 16}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +65,11 @@ def test_tampering_is_learnable_from_the_features(finished_run):
 def test_report_is_self_contained(finished_run):
     page = (finished_run / REPORT).read_text()
     for heading in ("Provenance", "Dataset", "Vision features", "Detection head", "Low-rank feature decomposition",
-                    "Teacher full fine-tune", "Is ΔW low-rank?", "config hash", "package versions"):
+                    "Teacher full fine-tune", "Is ΔW low-rank?", "LoRA ablation grid", "config hash",
+                    "package versions"):
         assert heading in page
     assert page.count("data:image/png;base64,") >= 2 + 1 + 2 * len(ARCHS) + 2
-    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script src" not in page
 
 
 def test_every_job_wrote_its_log_and_benchmark(finished_run):
@@ -152,6 +158,46 @@ def test_delta_export_holds_lora_factors_of_the_teachers_change(finished_run):
     assert "Energy captured" in (delta / "svd_summary.txt").read_text()
 
 
+def test_every_arm_is_trained_evaluated_and_collected(finished_run):
+    table = pd.read_csv(finished_run / "results/reports/ablation.csv")
+    assert len(table) == ARM_RUNS and not table.duplicated(AXES).any()
+    assert set(table["preset"]) == {"light", "standard", "full", "aggressive"}
+    assert set(table["init"]) == {"random", "gaussian", "svd", "pissa", "olora"}
+    assert set(table["objective"]) == {"head", "head_frozen", "lm", "hybrid", "hybrid_frozen"}
+    assert set(table["strategy"]) == {"later_half", "all", "head_only"} and set(table["seed"]) == {0, 1}
+    for row in table.itertuples():
+        arm = finished_run / f"results/lora/{row.objective}/{row.preset}/{row.init}/{row.strategy}/seed{row.seed}"
+        assert {"adapter", "history.csv", "train_stats.json", "target_modules.json"} <= {p.name for p in arm.iterdir()}
+        assert (arm / "head.safetensors").exists() == (row.objective in ("head", "hybrid"))
+        converted = 2 if row.init in ("pissa", "olora") else 1  # saved as plain LoRA of twice the rank
+        assert read_json(arm / "adapter" / "adapter_config.json")["r"] == PRESET_RANKS[row.preset] * converted
+        assert len(pd.read_csv(arm / "history.csv")) == 60 and row.trainable_parameters > 0
+        assert list((finished_run / "results/tensorboard/lora").glob(f"{row.objective}/**/events.out.tfevents.*"))
+    references = pd.read_csv(finished_run / "results/reports/references.csv").set_index("model")
+    assert references.loc["teacher", "trainable_percent"] == 100 and references.loc["base", "trainable_parameters"] == 0
+    assert len(pd.read_csv(finished_run / "results/reports/ablation_history.csv")) == 60 * ARM_RUNS
+
+
+def test_trained_arms_beat_the_untrained_base(finished_run):
+    table = pd.read_csv(finished_run / "results/reports/ablation.csv")
+    base = pd.read_csv(finished_run / "results/reports/references.csv").set_index("model").loc["base"]
+    lm_arms = table[table["objective"] == "lm"]
+    assert (lm_arms["lm_loss"] < 0.5 * base["lm_loss"]).all() and (lm_arms["final_loss"] < lm_arms["initial_loss"]).all()
+    frozen = table[(table["objective"] == "head_frozen") & (table["init"] == "random")]
+    assert (frozen["roc_auc"] > base["roc_auc"] + 0.1).all() and frozen["pixel_iou"].notna().all()
+
+
+def test_svd_init_starts_at_the_teachers_function_and_converges_faster(finished_run):
+    table = pd.read_csv(finished_run / "results/reports/ablation.csv")
+    lm = table[(table["objective"] == "lm") & (table["preset"] == "standard") & (table["strategy"] == "later_half")]
+    lm = lm.set_index(["init", "seed"])
+    for seed in (0, 1):
+        svd, random = lm.loc[("svd", seed)], lm.loc[("random", seed)]
+        assert svd["initial_loss"] < 0.5 * random["initial_loss"] and svd["final_loss"] < random["final_loss"]
+        # svd reaches the target loss, and sooner than random if random reaches it at all (NaN: never)
+        assert svd["steps_to_target"] > 0 and not random["steps_to_target"] <= svd["steps_to_target"]
+
+
 def test_a_rerun_without_changes_does_nothing(finished_run):
     result = snakemake(finished_run, "-n", REPORT)
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
@@ -163,15 +209,24 @@ def test_a_rerun_without_changes_does_nothing(finished_run):
         ("features:\n  batch_size: 8\n", {"extract_features": 3, **FEATURE_USERS, "report": 1, "all": 1}),
         ("dataset:\n  synthetic:\n    seed: 7\n",
          {"make_synthetic_dataset": 1, "prepare_dataset": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER,
-          "report": 1, "all": 1}),
+          **ALL_ARMS, "report": 1, "all": 1}),
         ("model:\n  tiny:\n    seed: 7\n",
-         {"build_tiny_model": 1, "prepare_model": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER, "report": 1,
-          "all": 1}),
-        ("head:\n  hidden: 32\n", {"pretrain_head": 1, "report": 1, "all": 1}),
+         {"build_tiny_model": 1, "prepare_model": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER, **ALL_ARMS,
+          "report": 1, "all": 1}),
+        ("head:\n  hidden: 32\n", {"pretrain_head": 1, "train_lora": HEAD_RUNS, "evaluate": HEAD_RUNS, "collect": 1,
+                                     "report": 1, "all": 1}),
         ("lowrank:\n  extra_epochs: 5\n", {"train_lowrank_proj": 3, "compare_lowrank": 3, "report": 1, "all": 1}),
         ("lowrank:\n  archs: [MLP]\n", {"report": 1, "all": 1}),
-        ("teacher:\n  max_steps: 50\n", {**TEACHER, "report": 1, "all": 1}),
-        ("delta:\n  ranks: [4, 8]\n", {"export_delta": 1, "report": 1, "all": 1}),
+        ("teacher:\n  max_steps: 50\n", {**TEACHER, "train_lora": SVD_RUNS, "evaluate": ARM_RUNS,
+                                           "evaluate_reference": 1, "collect": 1, "report": 1, "all": 1}),
+        ("delta:\n  ranks: [4, 8]\n", {"export_delta": 1, "train_lora": SVD_RUNS, "evaluate": SVD_RUNS, "collect": 1,
+                                        "report": 1, "all": 1}),
+        ("lora:\n  presets:\n    light: {r: 3}\n", {"train_lora": LIGHT_RUNS, "evaluate": LIGHT_RUNS, "collect": 1,
+                                                       "report": 1, "all": 1}),
+        ("lora:\n  fusion_tokens: 3\n", {"train_lora": 4, "evaluate": 4, "collect": 1, "report": 1, "all": 1}),
+        ("lora:\n  target_loss: {lm: 0.4}\n", {"evaluate": 20, "collect": 1, "report": 1, "all": 1}),
+        ("lora:\n  grid:\n    seeds: [0, 1, 2]\n", {"train_lora": 15, "evaluate": 15, "collect": 1, "report": 1,
+                                                       "all": 1}),
         ("resources:\n  extract_features:\n    mem_mb: 3000\n", {}),
     ],
 )
@@ -228,7 +283,8 @@ def test_example_configs_validate_and_dry_run(tmp_path, example):
     vision = "text" not in example.stem
     assert jobs.get("extract_features", 0) == (3 if vision else 0)
     assert jobs.get("pretrain_head", 0) == jobs.get("compare_lowrank", 0) // 3 == int(vision)
-    assert jobs["train_teacher"] == jobs["export_delta"] == 1
+    assert jobs["train_teacher"] == jobs["export_delta"] == jobs["collect"] == 1
+    assert jobs["train_lora"] == jobs["evaluate"] > 0 and jobs["evaluate_reference"] == 2
 
 
 def test_lint_is_clean():

@@ -6,4 +6,4 @@ from lowrank_core.runtime import run_step
 run_step(lambda: compare_with_svd(snakemake.wildcards.arch, snakemake.input.weights, snakemake.input.test,
                                   LowrankConfig.from_dict(snakemake.params.lowrank), snakemake.output.comparison,
                                   snakemake.output.spatial),
-         snakemake.log[0], snakemake.threads)
+         snakemake.log[0], snakemake.resources.torch_threads)

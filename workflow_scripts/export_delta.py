@@ -5,4 +5,4 @@ from lowrank_core.runtime import run_step
 
 run_step(lambda: export_delta(snakemake.params.base_dir, snakemake.input.teacher, snakemake.output[0],
                               DeltaConfig.from_dict(snakemake.params.delta)),
-         snakemake.log[0], snakemake.threads)
+         snakemake.log[0], snakemake.resources.torch_threads)

@@ -7,4 +7,4 @@ from lowrank_core.runtime import run_step
 
 run_step(lambda: pretrain_head(snakemake.input.train, snakemake.input.val, snakemake.input.test,
                                HeadConfig.from_dict(snakemake.params.head), Path(snakemake.output.metrics).parent),
-         snakemake.log[0], snakemake.threads)
+         snakemake.log[0], snakemake.resources.torch_threads)

@@ -10,4 +10,4 @@ run_step(lambda: launch(train_teacher, snakemake.input.model, snakemake.input.ma
                         TrainConfig.from_dict(snakemake.params.teacher), snakemake.params.image_size,
                         snakemake.output[0], snakemake.params.state_dir, snakemake.params.tensorboard_dir,
                         processes=max(1, snakemake.resources.gpu)),
-         snakemake.log[0], snakemake.threads)
+         snakemake.log[0], snakemake.resources.torch_threads)
