@@ -32,7 +32,8 @@ def run_step(step: Callable[[], object], log_file: str | None, threads: int) -> 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = max(1, min(int(threads), len(os.sched_getaffinity(0))))  # never more threads than CPUs
     torch.set_num_threads(threads)
-    log.info("%d torch threads (OMP_NUM_THREADS=%s)", torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for processes it starts (Snakemake set the scaled claim)
+    log.info("%d torch threads", torch.get_num_threads())
     try:
         step()
     except LowrankError as err:

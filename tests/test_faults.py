@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import copy_workflow, snakemake, write_yaml
+from lowrank_core.distributed import launch
+from lowrank_core.errors import ConfigError
 from lowrank_core.io import read_json
 
 TEACHER = "results/teacher/model"
@@ -76,3 +78,12 @@ def test_more_cores_than_cpus_never_oversubscribes(tmp_path):
     for job in ("build_tiny_model", "prepare_model"):
         log = (workdir / f"results/logs/{job}.log").read_text()
         assert f"INFO lowrank_core: {min(2, cpus)} torch threads" in log, job
+
+
+def _rejects_its_batch_size():
+    raise ConfigError("lora.train.batch_size: must split evenly over the 2 data-parallel processes")
+
+
+def test_a_bad_input_error_in_a_data_parallel_process_comes_back_as_one_line():
+    with pytest.raises(ConfigError, match=r"^lora\.train\.batch_size: must split evenly over the 2 data-parallel"):
+        launch(_rejects_its_batch_size, processes=2)

@@ -19,11 +19,12 @@ REPORT = "results/reports/ablation.html"
 ARCHS = ("ResMLP", "MLP", "AdaLoRA")
 FEATURE_USERS = {"pretrain_head": 1, "train_lowrank_proj": 3, "compare_lowrank": 3}
 TEACHER = {"train_teacher": 1, "export_delta": 1}
-# The default grid: 15 arms x 2 seeds; 5 arms have a head objective, 2 the svd init, 1 the light preset.
-ARM_RUNS, HEAD_RUNS, SVD_RUNS, LIGHT_RUNS = 30, 10, 4, 2
+# The default grid: 15 arms x 2 seeds; 5 arms have a head objective, 3 of them a frozen one, 2 the svd init, 1 the
+# light preset.
+ARM_RUNS, HEAD_RUNS, FROZEN_HEAD_RUNS, SVD_RUNS, LIGHT_RUNS = 30, 10, 6, 4, 2
 ALL_ARMS = {"train_lora": ARM_RUNS, "evaluate": ARM_RUNS, "evaluate_reference": 2, "collect": 1}
 AXES = ["objective", "preset", "init", "strategy", "seed"]
-PRESET_RANKS = {"light": 2, "standard": 4, "full": 8, "aggressive": 16}
+PRESET_RANKS = {"light": 8, "standard": 16, "full": 32, "aggressive": 64}
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +207,9 @@ def test_a_rerun_without_changes_does_nothing(finished_run):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("features:\n  batch_size: 8\n", {"extract_features": 3, **FEATURE_USERS, "report": 1, "all": 1}),
+        ("features:\n  batch_size: 8\n",  # a new pre-trained head: the frozen-head arms rerun too
+         {"extract_features": 3, **FEATURE_USERS, "train_lora": FROZEN_HEAD_RUNS, "evaluate": FROZEN_HEAD_RUNS,
+          "collect": 1, "report": 1, "all": 1}),
         ("dataset:\n  synthetic:\n    seed: 7\n",
          {"make_synthetic_dataset": 1, "prepare_dataset": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER,
           **ALL_ARMS, "report": 1, "all": 1}),
