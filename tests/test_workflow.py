@@ -24,7 +24,7 @@ TEACHER = {"train_teacher": 1, "export_delta": 1}
 ARM_RUNS, HEAD_RUNS, FROZEN_HEAD_RUNS, SVD_RUNS, LIGHT_RUNS = 30, 10, 6, 4, 2
 ALL_ARMS = {"train_lora": ARM_RUNS, "evaluate": ARM_RUNS, "evaluate_reference": 2, "collect": 1}
 AXES = ["objective", "preset", "init", "strategy", "seed"]
-PRESET_RANKS = {"light": 8, "standard": 16, "full": 32, "aggressive": 64}
+PRESET_RANKS = {"light": 2, "standard": 4, "full": 8, "aggressive": 16}
 
 
 @pytest.fixture(scope="module")
