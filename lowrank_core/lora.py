@@ -124,6 +124,8 @@ class ArmConfig(Section):
         require(self.pissa_niter >= 0, key, "pissa_niter", "must not be negative (0: exact SVD)")
         require(not (self.init == "svd" and self.preset.use_dora), key, "preset.use_dora",
                 "the svd init sets W_base + ΔW_r through plain LoRA factors; it is not supported with DoRA")
+        require(self.train.sharding == "none", f"{key}.train", "sharding",
+                "fsdp is for the teacher's full fine-tune; LoRA arms run data-parallel (resources.train_lora.gpu)")
 
     @property
     def has_head(self) -> bool:
@@ -389,6 +391,7 @@ def train_lora(model_info_json: str | Path, manifest_json: str | Path, arm: ArmC
         "samples_per_s": _mean(row["samples_per_s"] for row in result.history if row["step"] > 1),
         "steps": result.history[-1]["step"], "resumed_from_step": result.resumed_from_step,
         "device": result.device, "mixed_precision": result.mixed_precision, "processes": result.processes,
+        "parallelism": result.parallelism,
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft")}
         | {"lowrank_core": __version__},
     }

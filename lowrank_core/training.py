@@ -3,7 +3,9 @@
 `train_loop` is model-agnostic: it trains whatever parameters of `model` require grad (all of them for the
 teacher's full fine-tune, the adapters for LoRA) on the batches of a `Batches` source, minimising
 `loss_fn(model, batch)`. Resumable state lives in `state_dir/checkpoint/step-N` as safetensors + JSON (no pickle, checksummed, the
-last two kept): the trainable weights, the AdamW moments, the RNG states, the schedule, the step and the history.
+last two kept): the trainable weights, the AdamW moments, the RNG states, the schedule, the step and the history. The
+weights and moments are saved whole (gathered from the processes of a sharded run), so a checkpoint resumes under
+any number of processes.
 Batches are reshuffled per epoch from `seed + epoch`, so a resumed run sees exactly the batches an
 uninterrupted one would have seen.
 """
@@ -23,9 +25,10 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType, set_seed
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss")
 CHECKPOINT_TENSORS = ("weights.safetensors", "optimizer.safetensors")
+CHECKPOINT_FORMAT = 2  # 2: optimizer moments keyed by parameter name
+# Checkpoints hold whole (unsharded) tensors of the trainable parameters, on the main process only
+FULL_TRAINABLE_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 KEEP_CHECKPOINTS = 2
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -61,6 +67,7 @@ class TrainConfig(Section):
     seed: int = 0
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    sharding: Literal["none", "fsdp"] = "none"
     positive_word: str = "tampered"
     negative_word: str = "real"
     question: str = "Is this image real or tampered? Answer with one word."
@@ -120,7 +127,9 @@ class TrainResult:
     trainable_parameters: int
     peak_memory_mb: float
     processes: int
+    parallelism: str
     main_process: bool
+    sharded_weights: dict[str, torch.Tensor] | None = None
 
 
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, val_batches: Batches,
@@ -133,9 +142,11 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
     steps and after the last. A non-finite training loss raises LowrankError. TensorBoard events go to `log_dir`.
     Under a data-parallel launch (`lowrank_core.distributed.launch`) each process trains on its share of every
     batch, losses are averaged over the processes, and only the main process writes checkpoints and events.
+    With `cfg.sharding` fsdp the model stays sharded afterwards: its trained weights are in the result's
+    `sharded_weights` on the main process.
     """
     set_seed(cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg))
+    accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     require(cfg.batch_size % world == 0, TrainConfig.key, "batch_size",
             f"must split evenly over the {world} data-parallel processes")
@@ -155,9 +166,10 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    run = {"config": cfg.to_dict(), "identity": identity or {}}
+    run = {"config": cfg.to_dict(), "identity": identity or {}, "format": CHECKPOINT_FORMAT}
     checkpoint = Path(state_dir) / "checkpoint"
-    history, step = _load_checkpoint(checkpoint, run, named, optimizer, scheduler, accelerator)
+    history, step = _load_checkpoint(checkpoint, run, model, [name for name, _ in named], optimizer, scheduler,
+                                     accelerator)
     resumed_from = step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -201,30 +213,37 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             progress.update()
             progress.set_postfix(loss=f"{row['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                if main:
-                    _save_checkpoint(checkpoint, run, step, history, named, optimizer, scheduler, accelerator)
+                weights, moments = get_state_dict(model, optimizer, options=FULL_TRAINABLE_STATE)
+                if main:  # a tied parameter once, under its named_parameters name
+                    weights = {name: weights[name] for name, _ in named}
+                    _save_checkpoint(checkpoint, run, step, history, weights, moments, scheduler, accelerator)
                 accelerator.wait_for_everyone()
     finally:
         progress.close()
         if writer is not None:
             writer.close()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    kind = accelerator.distributed_type
     return TrainResult(
         history=history, resumed_from_step=resumed_from, seconds=time.perf_counter() - started,
         device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
         trainable_parameters=sum(p.numel() for _, p in named),
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb(),
-        processes=world, main_process=main,
+        processes=world, parallelism={DistributedType.NO: "none", DistributedType.FSDP: "fsdp"}.get(kind, "ddp"),
+        main_process=main, sharded_weights=accelerator.get_state_dict(model) if kind == DistributedType.FSDP else None,
     )
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Batches, accelerator: Accelerator) -> float:
     """Mean of `loss_fn` over `batches` in eval mode (the model is left in eval mode); the batches are shared out
-    over the data-parallel processes and the mean is taken over all of them."""
+    over the data-parallel processes and the mean is taken over all of them. A sharded model's forwards gather
+    its weights from every process, so there each process goes through all the batches."""
     model = accelerator.unwrap_model(model)  # plain forwards: DDP's would wait for processes with fewer batches
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.FSDP:
+        rank, world = 0, 1
     losses = [loss_fn(model, _to_device(batches.batch(0, i), accelerator.device)).float()
               for i in range(rank, len(batches), world)]
     totals = torch.stack([sum(losses, torch.zeros((), device=accelerator.device)),
@@ -237,6 +256,22 @@ def write_history(history: list[dict], path: str | Path) -> None:
     """Write the per-step history as CSV (columns `HISTORY_COLUMNS`; val_loss empty where not evaluated)."""
     with atomic_path(path) as tmp:
         pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
+
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator; with `cfg.sharding` fsdp, accelerate's FSDP2 plugin (weights, gradients and AdamW
+    moments sharded over the processes, one FSDP unit per decoder layer / vision block). accelerate picks FSDP
+    for GPU processes only; for CPU (gloo) processes it is selected here, as torch's FSDP2 runs on them too."""
+    plugin = None
+    if cfg.sharding == "fsdp":
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                reshard_after_forward=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg),
+                              fsdp_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
@@ -268,20 +303,19 @@ def _log_row(writer: SummaryWriter, row: dict) -> None:
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON)
 
 
-def _save_checkpoint(root: Path, run: dict, step: int, history: list[dict], named: list, optimizer, scheduler,
-                     accelerator: Accelerator) -> None:
+def _save_checkpoint(root: Path, run: dict, step: int, history: list[dict], weights: dict, optimizer_state: dict,
+                     scheduler, accelerator: Accelerator) -> None:
     """Write `root/step-N` atomically (tensor files, then `trainer_state.json` with their checksums) and keep the
     last `KEEP_CHECKPOINTS` of them: a killed save or a corrupted file leaves an older checkpoint to resume from."""
-    state = optimizer.state_dict()
-    moments = {f"state.{index}.{name}": value.detach().cpu()
-               for index, entries in state["state"].items() for name, value in entries.items()}
+    moments = {f"state.{name}.{moment}": value
+               for name, entries in optimizer_state["state"].items() for moment, value in entries.items()}
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     with atomic_path(root / f"step-{step:08d}") as tmp:
         tmp.mkdir()
-        save_tensors(tmp / "weights.safetensors", {name: p.detach().cpu() for name, p in named})
-        save_tensors(tmp / "optimizer.safetensors", moments | rng, {"param_groups": state["param_groups"]})
+        save_tensors(tmp / "weights.safetensors", weights)
+        save_tensors(tmp / "optimizer.safetensors", moments | rng, {"param_groups": optimizer_state["param_groups"]})
         write_json(tmp / "trainer_state.json", {
             **run, "step": step, "history": history, "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -292,7 +326,7 @@ def _save_checkpoint(root: Path, run: dict, step: int, history: list[dict], name
     log.info("checkpoint at step %d in %s", step, root)
 
 
-def _load_checkpoint(root: Path, run: dict, named: list, optimizer, scheduler,
+def _load_checkpoint(root: Path, run: dict, model: torch.nn.Module, names: list[str], optimizer, scheduler,
                      accelerator: Accelerator) -> tuple[list[dict], int]:
     """Restore the newest intact checkpoint of this run from `root`; (history, step), or ([], 0) when there is none.
 
@@ -308,17 +342,16 @@ def _load_checkpoint(root: Path, run: dict, named: list, optimizer, scheduler,
         if {k: meta.get(k) for k in run} != json.loads(json.dumps(run)):
             log.warning("%s belongs to a different run (config or inputs changed): starting over", path)
             return [], 0
-        if set(weights) != {name for name, _ in named}:
+        if set(weights) != set(names):
             raise CheckpointError(f"{path / 'weights.safetensors'}: parameter names do not match the model")
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(weights[name])
-        moments: dict[int, dict] = {}
+        moments: dict[str, dict] = {}
         for key, value in tensors.items():
             if key.startswith("state."):
-                _, index, name = key.split(".", 2)
-                moments.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": moments, "param_groups": opt_meta["param_groups"]})
+                name, moment = key.removeprefix("state.").rsplit(".", 1)
+                moments.setdefault(name, {})[moment] = value
+        set_state_dict(model, optimizer, model_state_dict=weights,
+                       optim_state_dict={"state": moments, "param_groups": opt_meta["param_groups"]},
+                       options=dataclasses.replace(FULL_TRAINABLE_STATE, strict=False))
         scheduler.load_state_dict(meta["scheduler"])
         if accelerator.scaler is not None and meta["scaler"] is not None:
             accelerator.scaler.load_state_dict(meta["scaler"])

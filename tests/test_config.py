@@ -87,6 +87,8 @@ def test_embedded_default_passes_schema_and_dataclasses():
         (lambda c: c["lowrank"].update(rank=0), "lowrank.rank"),
         (lambda c: c["head"].update(loc_loss="focal"), "head.loc_loss"),
         (lambda c: c["teacher"].update(mixed_precision="fp8"), "teacher.mixed_precision"),
+        (lambda c: c["teacher"].update(sharding="zero3"), "teacher.sharding"),
+        (lambda c: c["lora"]["train"].update(sharding="fsdp"), "lora.train.sharding"),
         (lambda c: c["delta"].update(ranks=[8, 8]), "delta.ranks"),
         (lambda c: c["delta"].update(alpha=0), "delta.alpha"),
     ],

@@ -209,6 +209,11 @@ def test_svd_with_dora_is_refused():
         arm(init="svd", preset={"use_dora": True})
 
 
+def test_sharded_arms_are_refused():
+    with pytest.raises(ConfigError, match=r"^lora\.train\.sharding: fsdp is for the teacher"):
+        arm(train={"sharding": "fsdp"})
+
+
 def test_frozen_head_objective_without_a_head_checkpoint_fails_clearly(tiny_model_dir, tmp_path):
     with pytest.raises(CheckpointError, match="head.safetensors: head checkpoint file does not exist"):
         build_student(str(tiny_model_dir), arm(objective="head_frozen"), load_processor(tiny_model_dir),

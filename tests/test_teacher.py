@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -15,7 +16,7 @@ from lowrank_core import teacher
 from lowrank_core.data import validate_dataset
 from lowrank_core.errors import ConfigError, LowrankError
 from lowrank_core.io import read_json, write_json
-from lowrank_core.lm_data import ChatBatcher
+from lowrank_core.lm_data import ChatBatcher, lm_loss
 from lowrank_core.modeling import load_model, load_processor
 from lowrank_core.training import HISTORY_COLUMNS, Batches, TrainConfig, train_loop
 
@@ -186,6 +187,22 @@ def test_gradient_checkpointing_trains_the_same(inputs, tmp_path):
     assert checkpointed["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-4)
 
 
+def test_a_model_with_tied_embeddings_resumes_to_the_same_loss(tmp_path):
+    """A tied lm_head / embedding (as in Qwen2.5-VL-3B) is checkpointed once and resumes exactly."""
+    config_ = transformers.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    items = [torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    batches = Batches(items, 4, lambda xs: {"input_ids": torch.stack(xs), "labels": torch.stack(xs)}, seed=0)
+    cfg = config(max_steps=4, checkpoint_every=2)
+    uninterrupted = train_loop(transformers.Qwen2ForCausalLM(config_), lm_loss, batches, batches, cfg,
+                               tmp_path / "state", tmp_path / "tb")
+    shutil.rmtree(tmp_path / "state/checkpoint/step-00000004")
+    resumed = train_loop(transformers.Qwen2ForCausalLM(config_), lm_loss, batches, batches, cfg, tmp_path / "state",
+                         tmp_path / "tb")
+    assert resumed.resumed_from_step == 2
+    assert resumed.history[-1]["loss"] == pytest.approx(uninterrupted.history[-1]["loss"], rel=1e-6)
+
+
 def test_shuffle_is_seeded_per_epoch():
     batches = Batches(list(range(8)), 4, list, seed=3)
     epoch0 = batches.batch(0, 0) + batches.batch(0, 1)
@@ -207,20 +224,46 @@ def test_bad_config_names_the_key(overrides, key):
         TrainConfig.from_dict(overrides)
 
 
-def test_two_data_parallel_processes_match_one_process(inputs, tmp_path):
-    """The same global batch split over 2 gloo processes ends at the weights of a single-process run."""
-    cfg = config(batch_size=4, checkpoint_every=3)
-    single = run_teacher(inputs, tmp_path / "single", cfg)
-    parallel = tmp_path / "parallel"
+def launch_teacher(inputs, root, cfg):
+    """The teacher trained by 2 gloo processes into `root`; its summary."""
     launch_data_parallel("lowrank_core.teacher:train_teacher",
                          f"{str(inputs[0])!r}, {str(inputs[1])!r}, TrainConfig.from_dict({cfg.to_dict()!r}), "
-                         f"{IMAGE_SIZE}, {str(parallel / 'out')!r}, {str(parallel / 'state')!r}, "
-                         f"{str(parallel / 'tb')!r}")
-    summary = read_json(parallel / "out" / "train_summary.json")
-    assert (summary["processes"], single["processes"]) == (2, 1)
+                         f"{IMAGE_SIZE}, {str(root / 'out')!r}, {str(root / 'state')!r}, {str(root / 'tb')!r}")
+    return read_json(root / "out" / "train_summary.json")
+
+
+@pytest.mark.parametrize("sharding, parallelism", [("none", "ddp"), ("fsdp", "fsdp")])
+def test_two_data_parallel_processes_match_one_process(inputs, tmp_path, sharding, parallelism):
+    """The same global batch split over 2 gloo processes, with the model replicated (DDP) or sharded (FSDP2), ends
+    at the weights of a single-process run."""
+    cfg = config(batch_size=4, checkpoint_every=3, sharding=sharding)
+    single = run_teacher(inputs, tmp_path / "single", cfg)
+    parallel = tmp_path / "parallel"
+    summary = launch_teacher(inputs, parallel, cfg)
+    assert (summary["processes"], summary["parallelism"]) == (2, parallelism)
+    assert (single["processes"], single["parallelism"]) == (1, "none")
     assert summary["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-4)
     history = pd.read_csv(parallel / "out" / "history.csv")
     assert history["loss"].tolist() == pytest.approx(pd.read_csv(tmp_path / "single/out/history.csv")["loss"].tolist(),
                                                      rel=1e-4)
     one, two = load_file(tmp_path / "single/out/model.safetensors"), load_file(parallel / "out/model.safetensors")
+    assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint(inputs, tmp_path):
+    """A 2-process FSDP run whose last checkpoint and output are gone resumes from the one before and ends at the
+    same weights; its checkpoints hold whole tensors, which a single process resumes from too."""
+    cfg = config(batch_size=4, checkpoint_every=3, sharding="fsdp")
+    launch_teacher(inputs, tmp_path, cfg)
+    finished = load_file(tmp_path / "out/model.safetensors")
+    shutil.rmtree(tmp_path / "out")
+    shutil.rmtree(tmp_path / "state/checkpoint/step-00000006")
+    assert launch_teacher(inputs, tmp_path, cfg)["resumed_from_step"] == 3
+    resumed = load_file(tmp_path / "out/model.safetensors")
+    assert max((finished[k] - resumed[k]).abs().max().item() for k in finished) < 1e-6
+    shutil.rmtree(tmp_path / "out")
+    shutil.rmtree(tmp_path / "state/checkpoint/step-00000006")
+    assert run_teacher(inputs, tmp_path, cfg)["resumed_from_step"] == 3
+    alone = load_file(tmp_path / "out/model.safetensors")
+    assert max((finished[k] - alone[k]).abs().max().item() for k in finished) < 1e-4
