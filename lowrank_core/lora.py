@@ -380,7 +380,8 @@ def train_lora(model_info_json: str | Path, manifest_json: str | Path, arm: ArmC
     identity = {"model": info["path"], "arm": arm.to_dict(), "targets": targets,
                 "train_records": [r.get("image_path", r.get("text")) for r in train.items],
                 "inputs": {str(p): sha256(p) for p in _input_files(arm, head_path, delta_dir)}}
-    result = train_loop(student, student_loss, train, val, cfg, state_dir, log_dir, identity=identity)
+    result = train_loop(student, student_loss, train, val, cfg, state_dir, log_dir, identity=identity,
+                        config_key="lora.train")
     total = sum(p.numel() for p in student.parameters())
     stats = {
         "objective": arm.objective, "init": arm.init, "seed": arm.seed, "target_modules": len(targets),

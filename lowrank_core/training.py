@@ -134,9 +134,10 @@ class TrainResult:
 
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, val_batches: Batches,
                cfg: TrainConfig, state_dir: str | Path, log_dir: str | Path,
-               identity: dict | None = None) -> TrainResult:
+               identity: dict | None = None, config_key: str = TrainConfig.key) -> TrainResult:
     """Train `model` in place for `cfg.max_steps` optimiser steps, resuming from `state_dir` when it holds a
-    checkpoint of the same run (same `cfg` and `identity`, any JSON describing the model and data).
+    checkpoint of the same run (same `cfg` and `identity`, any JSON describing the model and data). Errors in
+    `cfg` name it as `config_key`.
 
     Each step averages `cfg.grad_accum` micro-batches; the validation loss is computed every `cfg.eval_every`
     steps and after the last. A non-finite training loss raises LowrankError. TensorBoard events go to `log_dir`.
@@ -148,14 +149,14 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
     set_seed(cfg.seed)
     accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
-    require(cfg.batch_size % world == 0, TrainConfig.key, "batch_size",
+    require(cfg.batch_size % world == 0, config_key, "batch_size",
             f"must split evenly over the {world} data-parallel processes")
     if len(train_batches) == 0:
-        raise ConfigError(f"{TrainConfig.key}.batch_size: {train_batches.batch_size} is more than the "
+        raise ConfigError(f"{config_key}.batch_size: {train_batches.batch_size} is more than the "
                           f"{len(train_batches.items)} training records")
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+            raise ConfigError(f"{config_key}.gradient_checkpointing: {type(model).__name__} does not support it")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:

@@ -209,6 +209,12 @@ def test_svd_with_dora_is_refused():
         arm(init="svd", preset={"use_dora": True})
 
 
+def test_a_batch_larger_than_the_training_split_names_the_arms_key(inputs, tmp_path):
+    with pytest.raises(ConfigError, match=r"^lora\.train\.batch_size: 16 is more than the 8 training records"):
+        run_arm(inputs, tmp_path, arm(train={"batch_size": 16}))
+    assert not (tmp_path / "out").exists()
+
+
 def test_sharded_arms_are_refused():
     with pytest.raises(ConfigError, match=r"^lora\.train\.sharding: fsdp is for the teacher"):
         arm(train={"sharding": "fsdp"})

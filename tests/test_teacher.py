@@ -176,7 +176,7 @@ def test_injected_nan_is_caught_by_the_generic_loop(tmp_path):
 
 def test_gradient_checkpointing_requires_model_support(tmp_path):
     batches = Batches([torch.ones(2)] * 2, 2, lambda xs: {"x": torch.stack(xs)})
-    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+    with pytest.raises(ConfigError, match=r"^teacher\.gradient_checkpointing: Linear does not support it"):
         train_loop(torch.nn.Linear(2, 1), lambda m, b: m(b["x"]).mean(), batches, batches,
                    config(gradient_checkpointing=True), tmp_path / "state", tmp_path / "tb")
 
