@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .io import atomic_path, read_json, write_json
 from .lm_data import ChatBatcher, lm_loss
@@ -50,7 +52,10 @@ def train_teacher(model_info_json: str | Path, manifest_json: str | Path, cfg: T
     if not result.main_process:
         return summary
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE, state_dict=result.sharded_weights)
+        weights = result.full_weights  # FSDP under mixed precision trains fp32 copies: save the model's dtype
+        if weights is not None:
+            weights = {name: value.to(getattr(torch, info["dtype"])) for name, value in weights.items()}
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE, state_dict=weights)
         processor.save_pretrained(tmp)
         write_history(result.history, tmp / "history.csv")
         write_json(tmp / "train_summary.json", summary)

@@ -18,15 +18,18 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.utils.tensorboard import SummaryWriter
@@ -46,6 +49,9 @@ CHECKPOINT_FORMAT = 2  # 2: optimizer moments keyed by parameter name
 # Checkpoints hold whole (unsharded) tensors of the trainable parameters, on the main process only
 FULL_TRAINABLE_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 KEEP_CHECKPOINTS = 2
+# How long processes wait at a collective: the others wait while the main process writes a checkpoint (tens of GB
+# for a 7B teacher), longer than NCCL's default 10 minutes on a slow filesystem
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -129,7 +135,7 @@ class TrainResult:
     processes: int
     parallelism: str
     main_process: bool
-    sharded_weights: dict[str, torch.Tensor] | None = None
+    full_weights: dict[str, torch.Tensor] | None = None
 
 
 def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, val_batches: Batches,
@@ -143,12 +149,15 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
     steps and after the last. A non-finite training loss raises LowrankError. TensorBoard events go to `log_dir`.
     Under a data-parallel launch (`lowrank_core.distributed.launch`) each process trains on its share of every
     batch, losses are averaged over the processes, and only the main process writes checkpoints and events.
-    With `cfg.sharding` fsdp the model stays sharded afterwards: its trained weights are in the result's
-    `sharded_weights` on the main process.
+    With `cfg.sharding` fsdp the model stays sharded afterwards: its trained weights, gathered, are in the result's
+    `full_weights` on the main process (empty on the others).
     """
     set_seed(cfg.seed)
     accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.sharding != "none" and world == 1:
+        log.warning("%s.sharding: %s needs more than one process (a gpu resource above 1): training unsharded",
+                    config_key, cfg.sharding)
     require(cfg.batch_size % world == 0, config_key, "batch_size",
             f"must split evenly over the {world} data-parallel processes")
     if len(train_batches) == 0:
@@ -158,19 +167,19 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{config_key}.gradient_checkpointing: {type(model).__name__} does not support it")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    # names only: FSDP frees the unsharded parameters once nothing but the model holds them
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise ConfigError("model has no trainable parameters")
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, optimizer = accelerator.prepare(model, _adamw(model, cfg))
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    run = {"config": cfg.to_dict(), "identity": identity or {}, "format": CHECKPOINT_FORMAT}
+    # checkpoints hold whole tensors, so a run may change its sharding and still resume
+    run = {"config": {k: v for k, v in cfg.to_dict().items() if k != "sharding"}, "identity": identity or {},
+           "format": CHECKPOINT_FORMAT}
     checkpoint = Path(state_dir) / "checkpoint"
-    history, step = _load_checkpoint(checkpoint, run, model, [name for name, _ in named], optimizer, scheduler,
-                                     accelerator)
+    history, step = _load_checkpoint(checkpoint, run, model, trainable, optimizer, scheduler, accelerator)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
     resumed_from = step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -187,7 +196,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             for micro in range(cfg.grad_accum):
                 epoch, index = divmod(step * cfg.grad_accum + micro, len(train_batches))
                 batch = _to_device(train_batches.batch(epoch, index, rank, world), accelerator.device)
-                sync = micro == cfg.grad_accum - 1
+                sync = micro == cfg.grad_accum - 1 or sharded  # FSDP keeps unsynced gradients whole
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss = loss_fn(model, batch)
                     if not torch.isfinite(loss):
@@ -216,7 +225,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 weights, moments = get_state_dict(model, optimizer, options=FULL_TRAINABLE_STATE)
                 if main:  # a tied parameter once, under its named_parameters name
-                    weights = {name: weights[name] for name, _ in named}
+                    weights = {name: weights[name] for name in trainable}
                     _save_checkpoint(checkpoint, run, step, history, weights, moments, scheduler, accelerator)
                 accelerator.wait_for_everyone()
     finally:
@@ -224,14 +233,13 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
         if writer is not None:
             writer.close()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    kind = accelerator.distributed_type
     return TrainResult(
         history=history, resumed_from_step=resumed_from, seconds=time.perf_counter() - started,
         device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
-        trainable_parameters=sum(p.numel() for _, p in named),
+        trainable_parameters=trainable_parameters,
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb(),
-        processes=world, parallelism={DistributedType.NO: "none", DistributedType.FSDP: "fsdp"}.get(kind, "ddp"),
-        main_process=main, sharded_weights=accelerator.get_state_dict(model) if kind == DistributedType.FSDP else None,
+        processes=world, parallelism="fsdp" if sharded else "ddp" if world > 1 else "none",
+        main_process=main, full_weights=accelerator.get_state_dict(model) if sharded else None,
     )
 
 
@@ -267,12 +275,21 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     if cfg.sharding == "fsdp":
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                 reshard_after_forward=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg),
-                              fsdp_plugin=plugin)
+    with mock.patch.dict(os.environ):  # a plugin sets ACCELERATE_USE_FSDP, which later Accelerators would read
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg),
+                                  fsdp_plugin=plugin,
+                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import pandas as pd
@@ -233,11 +234,13 @@ def launch_teacher(inputs, root, cfg):
 
 
 @pytest.mark.parametrize("sharding, parallelism", [("none", "ddp"), ("fsdp", "fsdp")])
-def test_two_data_parallel_processes_match_one_process(inputs, tmp_path, sharding, parallelism):
+def test_two_data_parallel_processes_match_one_process(inputs, tmp_path, caplog, sharding, parallelism):
     """The same global batch split over 2 gloo processes, with the model replicated (DDP) or sharded (FSDP2), ends
-    at the weights of a single-process run."""
-    cfg = config(batch_size=4, checkpoint_every=3, sharding=sharding)
+    at the weights of a single-process run, gradient accumulation included."""
+    cfg = config(batch_size=4, grad_accum=2, checkpoint_every=3, sharding=sharding)
     single = run_teacher(inputs, tmp_path / "single", cfg)
+    assert ("teacher.sharding: fsdp needs more than one process" in caplog.text) == (sharding == "fsdp")
+    assert "ACCELERATE_USE_FSDP" not in os.environ  # the FSDP plugin leaves nothing behind for later runs
     parallel = tmp_path / "parallel"
     summary = launch_teacher(inputs, parallel, cfg)
     assert (summary["processes"], summary["parallelism"]) == (2, parallelism)
@@ -253,7 +256,7 @@ def test_two_data_parallel_processes_match_one_process(inputs, tmp_path, shardin
 
 def test_a_sharded_run_resumes_from_its_checkpoint(inputs, tmp_path):
     """A 2-process FSDP run whose last checkpoint and output are gone resumes from the one before and ends at the
-    same weights; its checkpoints hold whole tensors, which a single process resumes from too."""
+    same weights; its checkpoints hold whole tensors, which a single unsharded process resumes from too."""
     cfg = config(batch_size=4, checkpoint_every=3, sharding="fsdp")
     launch_teacher(inputs, tmp_path, cfg)
     finished = load_file(tmp_path / "out/model.safetensors")
@@ -264,6 +267,6 @@ def test_a_sharded_run_resumes_from_its_checkpoint(inputs, tmp_path):
     assert max((finished[k] - resumed[k]).abs().max().item() for k in finished) < 1e-6
     shutil.rmtree(tmp_path / "out")
     shutil.rmtree(tmp_path / "state/checkpoint/step-00000006")
-    assert run_teacher(inputs, tmp_path, cfg)["resumed_from_step"] == 3
+    assert run_teacher(inputs, tmp_path, config(batch_size=4, checkpoint_every=3))["resumed_from_step"] == 3
     alone = load_file(tmp_path / "out/model.safetensors")
     assert max((finished[k] - alone[k]).abs().max().item() for k in finished) < 1e-4
