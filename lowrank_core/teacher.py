@@ -47,7 +47,8 @@ def train_teacher(model_info_json: str | Path, manifest_json: str | Path, cfg: T
         "best_val_loss": min(val_losses), "resumed_from_step": result.resumed_from_step,
         "train_seconds": result.seconds, "device": result.device, "mixed_precision": result.mixed_precision,
         "trainable_parameters": result.trainable_parameters, "peak_memory_mb": result.peak_memory_mb,
-        "processes": result.processes, "parallelism": result.parallelism, "config": cfg.to_dict(), "lowrank_core_version": __version__,
+        "processes": result.processes, "parallelism": result.parallelism, "config": cfg.to_dict(),
+        "lowrank_core_version": __version__,
     }
     if not result.main_process:
         return summary

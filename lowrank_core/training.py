@@ -155,6 +155,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
     set_seed(cfg.seed)
     accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    sharded = accelerator.distributed_type == DistributedType.FSDP
     if cfg.sharding != "none" and world == 1:
         log.warning("%s.sharding: %s needs more than one process (a gpu resource above 1): training unsharded",
                     config_key, cfg.sharding)
@@ -179,7 +180,6 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
            "format": CHECKPOINT_FORMAT}
     checkpoint = Path(state_dir) / "checkpoint"
     history, step = _load_checkpoint(checkpoint, run, model, trainable, optimizer, scheduler, accelerator)
-    sharded = accelerator.distributed_type == DistributedType.FSDP
     resumed_from = step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
