@@ -81,7 +81,8 @@ class ChatBatcher:
             inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         else:
             pixels = self.image_size * self.image_size
-            inputs = self.processor(text=[prompt], images=[load_image(record["image_path"], self.image_size)],
+            image = record["image"] if "image" in record else load_image(record["image_path"], self.image_size)
+            inputs = self.processor(text=[prompt], images=[image],
                                     images_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
                                     add_special_tokens=False, return_tensors="pt")
         prompt_length = inputs["input_ids"].shape[1]

@@ -384,7 +384,8 @@ def train_lora(model_info_json: str | Path, manifest_json: str | Path, arm: ArmC
                         config_key="lora.train")
     total = sum(p.numel() for p in student.parameters())
     stats = {
-        "objective": arm.objective, "init": arm.init, "seed": arm.seed, "target_modules": len(targets),
+        "objective": arm.objective, "init": arm.init, "seed": arm.seed, "train": cfg.to_dict(),
+        "target_modules": len(targets),
         "trainable_parameters": result.trainable_parameters, "total_parameters": total,
         "trainable_percent": 100 * result.trainable_parameters / total,
         "peak_memory_mb": result.peak_memory_mb, "peak_memory_kind": "cuda_max_allocated" if

@@ -27,7 +27,8 @@ _ZERO_MASK = re.compile(r"^(\d+)x(\d+)$")
 
 
 def classification_metrics(scores, labels, threshold: float = 0.5) -> dict:
-    """Accuracy and F1 of `scores >= threshold`, ROC-AUC and average precision of the raw scores.
+    """Accuracy and F1 of `scores >= threshold`, ROC-AUC and average precision of the raw scores, and the share of
+    samples predicted positive (0 or 1: one answer for every sample).
 
     ROC-AUC is None when `labels` hold a single class, average precision None when they hold no positive.
     """
@@ -49,6 +50,7 @@ def classification_metrics(scores, labels, threshold: float = 0.5) -> dict:
         "f1": float(f1_score(labels, predicted, zero_division=0.0)),
         "roc_auc": roc_auc,
         "average_precision": average_precision,
+        "positive_rate": float(predicted.mean()),
         "threshold": threshold,
         "n": int(labels.size),
         "n_positive": positives,

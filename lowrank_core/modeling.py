@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from .config import Section, require
 from .errors import CheckpointError
 from .io import atomic_path
+from .pretrain import pretrain_tiny
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ TOKENIZER_CORPUS = (
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelSpec(Section):
-    """Sizes of the tiny random-weight Qwen2.5-VL used by the embedded default."""
+    """Sizes of the tiny Qwen2.5-VL used by the embedded default, and its pre-training."""
 
     key = "model.tiny"
     seed: int = 0
@@ -72,6 +73,10 @@ class TinyModelSpec(Section):
     text_heads: int = 4
     text_kv_heads: int = 2
     vocab_size: int = 512
+    pretrain_vision_steps: int = 300
+    pretrain_language_steps: int = 300
+    pretrain_lr: float = 2e-3
+    image_size: int = 64
 
     def check(self, key: str) -> None:
         for name in ("patch_size", "vision_depth", "vision_hidden_size", "vision_heads", "text_hidden_size",
@@ -85,6 +90,11 @@ class TinyModelSpec(Section):
         require((self.text_hidden_size // self.text_heads) % 8 == 0, key, "text_hidden_size",
                 "head dimension (text_hidden_size / text_heads) must be a multiple of 8 for multimodal RoPE")
         require(self.vocab_size >= 300, key, "vocab_size", "must be at least 300 (256 bytes + special tokens)")
+        for name in ("pretrain_vision_steps", "pretrain_language_steps"):
+            require(getattr(self, name) >= 0, key, name, "must not be negative (0 skips that pre-training)")
+        require(self.pretrain_lr > 0, key, "pretrain_lr", "must be positive")
+        require(self.image_size % (2 * self.patch_size) == 0, key, "image_size",
+                "must be a multiple of 2 * patch_size (whole merged vision tokens)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +115,8 @@ class ModelConfig(Section):
 
 
 def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
-    """Build the tiny Qwen2.5-VL (model, tokenizer, image processor, chat template) into `out_dir`."""
+    """Build the tiny Qwen2.5-VL (model, tokenizer, image processor, chat template) into `out_dir`, pre-trained
+    on generic low-level vision (`pretrain.pretrain_tiny`) so that, like a real base, it can see its images."""
     torch.manual_seed(spec.seed)
     tokenizer = _train_tokenizer(spec.vocab_size)
     token_id = tokenizer.convert_tokens_to_ids
@@ -136,6 +147,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
         patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
     processor = image_only_processor_class(transformers.Qwen2_5_VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    pretrain_tiny(model, processor, spec.image_size, spec.pretrain_vision_steps, spec.pretrain_language_steps,
+                  spec.pretrain_lr, spec.seed)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -1,7 +1,8 @@
 """The ablation report: one self-contained HTML page (inline CSS, embedded PNGs) rendered from the stages' JSON.
 
 Each stage contributes a `ReportSection` built from its JSON outputs; `render_report` puts the provenance header and
-the sections into one page.
+the sections into one page. The page opens with the study's findings and the warnings (`report_findings`), then the
+evidence sections the findings link to.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PACKAGES = ("lowrank_core", "torch", "transformers", "peft", "accelerate", "safe
 class ReportSection:
     title: str
     html: str
+    anchor: str  # the id of the page's <section>, the target of links to it
 
 
 def provenance(config_hash: str, source_dir: str | Path) -> dict:
@@ -114,7 +116,7 @@ def dataset_section(manifest: dict, examples: int = 4) -> ReportSection:
     else:
         shown = _image_examples(records, examples)
     body = (f"<p>Source: <code>{html.escape(manifest['source'])}</code></p>" + table(rows) + warning_html + shown)
-    return ReportSection("Dataset", body)
+    return ReportSection("Dataset", body, "dataset")
 
 
 def _image_examples(records: list[dict], examples: int) -> str:
@@ -153,7 +155,7 @@ def features_section(stats: dict[str, dict]) -> ReportSection:
     intro = ("<p>Vision tokens after the patch merger, cached per split. <em>rank_90 / rank_99</em>: components of "
              "the centred token cloud holding 90% / 99% of its energy; <em>effective_rank</em>: exp of the spectral "
              "entropy.</p>")
-    return ReportSection("Vision features", intro + table(rows) + figure_html(fig, "feature spectrum"))
+    return ReportSection("Vision features", intro + table(rows) + figure_html(fig, "feature spectrum"), "features")
 
 
 _TEMPLATE = jinja2.Environment(autoescape=False).from_string("""<!DOCTYPE html>
@@ -169,7 +171,7 @@ h3{font-size:1.1em;margin-top:1.4em}summary{cursor:pointer}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 </style></head><body>
 <h1>Low-rank / LoRA ablation report</h1>
-<nav>{% for s in sections %}<a href="#s{{ loop.index }}">{{ s.title }}</a>{% endfor %}</nav>
+<nav>{% for s in sections %}<a href="#{{ s.anchor }}">{{ s.title }}</a>{% endfor %}</nav>
 <h2>Provenance</h2>
 <table><tbody>
 <tr><th>config hash</th><td><code>{{ prov.config_hash }}</code></td></tr>
@@ -180,22 +182,28 @@ pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 <details><summary>package versions</summary><table><tbody>
 {% for name, version in prov.versions.items() %}<tr><th>{{ name }}</th><td>{{ version }}</td></tr>{% endfor %}
 </tbody></table></details>
-{% for s in sections %}<h2 id="s{{ loop.index }}">{{ s.title }}</h2>
+{% for s in sections %}<section id="{{ s.anchor }}"><h2>{{ s.title }}</h2>
 {{ s.html }}
+</section>
 {% endfor %}
 </body></html>
 """)
 
 
-def write_report(out_html: str | Path, inputs: dict[str, str], config_hash: str, source_dir: str | Path) -> None:
-    """Render the report from the named stage outputs present in `inputs`; a section appears only when its inputs
-    do (see `report_sections.stage_sections` for the names after the features)."""
+def write_report(out_html: str | Path, inputs: dict[str, str], config_hash: str, source_dir: str | Path,
+                 baseline: dict | None = None) -> None:
+    """Render the report from the named stage outputs present in `inputs`: the findings and warnings, then the
+    evidence sections, each only when its inputs are present (see `report_sections.stage_sections` for the names
+    after the features). `baseline` is the grid's baseline arm (objective, preset, init, strategy), inferred from the
+    grid's table when None (`stats.infer_baseline`)."""
     from .io import read_json
-    from .report_sections import stage_sections  # imported here: it builds on this module's helpers
+    from .report_findings import findings_section, warnings_section  # imported here: they build on this module
+    from .report_sections import stage_sections
 
-    sections = [dataset_section(read_json(inputs["manifest"]))]
+    sections = [findings_section(inputs, baseline), warnings_section(inputs, baseline),
+                dataset_section(read_json(inputs["manifest"]))]
     stats = {split: read_json(inputs[f"stats_{split}"]) for split in SPLITS if f"stats_{split}" in inputs}
     if stats:
         sections.append(features_section(stats))
-    sections += stage_sections(inputs)
+    sections += stage_sections(inputs, baseline)
     render_report(out_html, provenance(config_hash, source_dir), sections)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from .io import read_json
 from .report import ReportSection, figure_html, png_html, table
-from .report_lora import lora_section
+from .report_lora import LORA_INPUTS, lora_section
 
 HEAD_INPUTS = ("metrics", "history", "heatmaps")
 LOWRANK_INPUTS = ("comparison", "spatial", "history", "curve")
@@ -24,9 +24,9 @@ TEACHER_KEYS = ("steps", "final_loss", "final_val_loss", "best_val_loss", "devic
 HEAD_KEYS = ("best_epoch", "best_val_roc_auc", "selected_by", "pixel_masks", "parameters", "train_seconds", "device")
 
 
-def stage_sections(inputs: dict[str, str]) -> list[ReportSection]:
+def stage_sections(inputs: dict[str, str], baseline: dict | None = None) -> list[ReportSection]:
     """The head, low-rank, teacher, ΔW and LoRA grid sections, in this order, each only when all its inputs are
-    present."""
+    present (the grid's `lora_module_distance` is optional; `baseline` as in `lora_section`)."""
     sections = []
     if all(f"head_{name}" in inputs for name in HEAD_INPUTS):
         sections.append(head_section(*(inputs[f"head_{name}"] for name in HEAD_INPUTS)))
@@ -39,9 +39,9 @@ def stage_sections(inputs: dict[str, str]) -> list[ReportSection]:
         sections.append(teacher_section(inputs["teacher"]))
     if "delta" in inputs:
         sections.append(delta_section(inputs["delta"]))
-    lora_inputs = ("lora_table", "lora_references", "lora_history")
-    if all(name in inputs for name in lora_inputs):
-        sections.append(lora_section(*(inputs[name] for name in lora_inputs)))
+    if all(name in inputs for name in LORA_INPUTS):
+        sections.append(lora_section(*(inputs[name] for name in LORA_INPUTS), inputs.get("lora_module_distance"),
+                                     baseline))
     return sections
 
 
@@ -67,7 +67,7 @@ def head_section(metrics_json: str | Path, history_csv: str | Path, heatmaps_png
     body = (intro + _key_values(metrics, HEAD_KEYS) + "<h3>Classification</h3>" + table(classification)
             + "<h3>Localisation (pixel level)</h3>" + table(pixel) + figure_html(figure, "head training curves")
             + "<h3>Test examples</h3>" + png_html(heatmaps_png, "test heat maps"))
-    return ReportSection("Detection head", body)
+    return ReportSection("Detection head", body, "head")
 
 
 def lowrank_section(runs: dict[str, dict[str, str]]) -> ReportSection:
@@ -84,7 +84,7 @@ def lowrank_section(runs: dict[str, dict[str, str]]) -> ReportSection:
         f"<details{' open' if i == 0 else ''}><summary>{html.escape(arch)}: training curve and spatial comparison"
         f"</summary>{png_html(files['curve'], f'{arch} loss curve')}{png_html(files['spatial'], f'{arch} vs SVD')}"
         "</details>" for i, (arch, files) in enumerate(runs.items()))
-    return ReportSection("Low-rank feature decomposition", intro + table(transposed) + figures)
+    return ReportSection("Low-rank feature decomposition", intro + table(transposed) + figures, "lowrank")
 
 
 def _lowrank_row(comparison: dict, history: dict) -> dict:
@@ -113,7 +113,8 @@ def teacher_section(teacher_dir: str | Path) -> ReportSection:
     intro = (f"<p>Every parameter of <code>{html.escape(str(summary['model']))}</code> ({summary['dtype']}) "
              "fine-tuned: the reference the LoRA runs are measured against.</p>")
     return ReportSection("Teacher full fine-tune",
-                         intro + _key_values(summary, TEACHER_KEYS) + figure_html(figure, "teacher loss curve"))
+                         intro + _key_values(summary, TEACHER_KEYS) + figure_html(figure, "teacher loss curve"),
+                         "teacher")
 
 
 def delta_section(delta_dir: str | Path) -> ReportSection:
@@ -136,7 +137,7 @@ def delta_section(delta_dir: str | Path) -> ReportSection:
     body = (intro + table(rows) + png_html(delta_dir / "spectrum.png", "ΔW singular values")
             + png_html(delta_dir / "energy_vs_rank.png", "ΔW energy vs rank")
             + f"<details><summary>svd_summary.txt</summary><pre>{summary}</pre></details>")
-    return ReportSection("Is ΔW low-rank?", body)
+    return ReportSection("Is ΔW low-rank?", body, "delta")
 
 
 def _key_values(mapping: dict, keys: tuple[str, ...]) -> str:

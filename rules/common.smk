@@ -7,7 +7,7 @@ import os
 
 from lowrank_core.grid import FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES, PRESETS, STRATEGIES, VISION_OBJECTIVES
 from lowrank_core.errors import ConfigError
-from lowrank_core.grid import arm_path, grid_arms, named_entries
+from lowrank_core.grid import AXES, LISTS, arm_path, grid_arms, named_entries
 
 
 SPLITS = ("train", "val", "test")
@@ -17,10 +17,13 @@ SPLITS = ("train", "val", "test")
 CORES_PER_CPU = max(1.0, (workflow.resource_settings.cores or 0) / len(os.sched_getaffinity(0)))
 VISION = config["model"]["modality"] == "vision_language"
 ARCHS = config["lowrank"]["archs"]
-ARMS = grid_arms(config["lora"])
+ARMS = grid_arms(config["lora"])  # one entry per arm and seed
+SEEDS = config["lora"]["grid"]["seeds"]
+ARM = "{objective}/{preset}/{init}/{strategy}"  # an arm's place under results/lora, results/eval, logs and state
 if not VISION and any(arm["objective"] in VISION_OBJECTIVES for arm in ARMS):
     raise ConfigError("lora.grid.objectives: a text-only model (model.modality text) can only train objective lm")
-REFERENCES = ("base", "teacher")
+# the untrained base, the full fine-tune, and the base with the teacher's ΔW_r merged for each exported rank
+REFERENCES = ("base", "teacher", *(f"teacher_r{rank}" for rank in config["delta"]["ranks"]))
 HEAD_LOSS_KEYS = ("hidden", "dropout", "loc_loss", "loc_weight", "threshold")  # what an arm reads of `head`
 
 
@@ -31,8 +34,6 @@ wildcard_constraints:
     init="|".join(INITS),
     preset="[^/]+",
     strategy="[^/]+",
-    seed=r"\d+",
-    reference="|".join(REFERENCES),
 
 
 def config_slice(*keys):
@@ -49,12 +50,13 @@ def lowrank_settings():
 
 
 def arm_settings(wildcards):
-    """What one arm reads of the config: its preset and strategy, `lora.train`, and its objective's settings."""
+    """What one arm reads of the config: its preset and strategy, its objective's training settings and other
+    settings (its seeds are a separate param)."""
     lora = config_slice("lora")
-    settings = {"objective": wildcards.objective, "init": wildcards.init, "seed": int(wildcards.seed),
+    settings = {"objective": wildcards.objective, "init": wildcards.init,
                 "preset": named_entries(PRESETS, lora["presets"])[wildcards.preset],
                 "strategy": named_entries(STRATEGIES, lora["strategies"])[wildcards.strategy],
-                "train": lora["train"], "image_size": config["features"]["image_size"] if VISION else None}
+                "train": objective_train(wildcards.objective), "image_size": config["features"]["image_size"] if VISION else None}
     if wildcards.objective in VISION_OBJECTIVES:
         settings["head"] = {key: config["head"][key] for key in HEAD_LOSS_KEYS}
     if wildcards.objective.startswith("hybrid"):
@@ -62,6 +64,17 @@ def arm_settings(wildcards):
     if wildcards.init == "pissa":
         settings["pissa_niter"] = lora["pissa_niter"]
     return settings
+
+
+def objective_train(objective):
+    """`lora.train` with the objective's `lora.train_by_objective` entry over it: the settings its arms train with."""
+    lora = config_slice("lora")
+    return {**lora["train"], **lora["train_by_objective"].get(objective, {})}
+
+
+def grid_baseline():
+    """The baseline arm the report compares every axis value with: the first entry of each `lora.grid` list."""
+    return {axis: config["lora"]["grid"][LISTS[axis]][0] for axis in AXES}
 
 
 def reference_settings():
@@ -128,7 +141,8 @@ def report_inputs(wildcards):
     inputs = {"model": "results/model/model.json", "manifest": "results/dataset/manifest.json",
               "teacher": "results/teacher/model", "delta": "results/delta"}
     inputs |= {f"lora_{name}": f"results/reports/{file}" for name, file in
-               (("table", "ablation.csv"), ("references", "references.csv"), ("history", "ablation_history.csv"))}
+               (("table", "ablation.csv"), ("references", "references.csv"), ("history", "ablation_history.csv"),
+                ("module_distance", "module_distance.csv"))}
     if VISION:
         inputs |= {f"stats_{split}": f"results/features/{split}_stats.json" for split in SPLITS}
         inputs |= {f"head_{name}": f"results/head/{file}"

@@ -1,4 +1,7 @@
-"""The LoRA grid: one adapter per arm and seed, its evaluation on the test split, the references, the tables."""
+"""The LoRA grid: one job per arm trains an adapter for every seed and evaluates each on the test split; the
+references; the tables. An arm's seeds and their evaluation share a job because starting one costs seconds of
+imports: a rerun (a new seed, a new teacher to measure against) resumes finished seeds from their last checkpoint
+instead of training them again."""
 
 
 rule train_lora:
@@ -6,83 +9,65 @@ rule train_lora:
         unpack(arm_inputs),
         model="results/model/model.json",
         manifest="results/dataset/manifest.json",
+        teacher="results/teacher/model",
     output:
-        directory("results/lora/{objective}/{preset}/{init}/{strategy}/seed{seed}"),
+        arms=[directory(f"results/lora/{ARM}/seed{seed}") for seed in SEEDS],
+        evaluations=[f"results/eval/{ARM}/seed{seed}/metrics.json" for seed in SEEDS],
     params:
         arm=arm_settings,
-        state_dir="results/state/lora/{objective}/{preset}/{init}/{strategy}/seed{seed}",
-        tensorboard_dir="results/tensorboard/lora/{objective}/{preset}/{init}/{strategy}/seed{seed}",
+        seeds=SEEDS,
+        state_dirs=[f"results/state/lora/{ARM}/seed{seed}" for seed in SEEDS],
+        tensorboard_dirs=[f"results/tensorboard/lora/{ARM}/seed{seed}" for seed in SEEDS],
+        target_loss=lambda wildcards: config["lora"]["target_loss"][wildcards.objective],
+        batch_size=config["lora"]["eval_batch_size"],
     threads: rule_threads("train_lora")
     resources:
         **rule_resources("train_lora"),
     log:
-        log_path("train_lora/{objective}/{preset}/{init}/{strategy}/seed{seed}"),
+        log_path(f"train_lora/{ARM}"),
     benchmark:
-        benchmark_path("train_lora/{objective}/{preset}/{init}/{strategy}/seed{seed}")
+        benchmark_path(f"train_lora/{ARM}")
     conda:
         "../environment.yml"
     script:
         "../workflow_scripts/train_lora.py"
 
 
-rule evaluate:
+rule evaluate_references:
     input:
-        unpack(arm_inputs),
-        arm="results/lora/{objective}/{preset}/{init}/{strategy}/seed{seed}",
         model="results/model/model.json",
         manifest="results/dataset/manifest.json",
         teacher="results/teacher/model",
+        delta="results/delta",
     output:
-        "results/eval/{objective}/{preset}/{init}/{strategy}/seed{seed}/metrics.json",
-    params:
-        arm=arm_settings,
-        target_loss=lambda wildcards: config["lora"]["target_loss"][wildcards.objective],
-        batch_size=config["lora"]["eval_batch_size"],
-    threads: rule_threads("evaluate")
-    resources:
-        **rule_resources("evaluate"),
-    log:
-        log_path("evaluate/{objective}/{preset}/{init}/{strategy}/seed{seed}"),
-    benchmark:
-        benchmark_path("evaluate/{objective}/{preset}/{init}/{strategy}/seed{seed}")
-    conda:
-        "../environment.yml"
-    script:
-        "../workflow_scripts/evaluate.py"
-
-
-rule evaluate_reference:
-    input:
-        unpack(lambda wildcards: {"teacher": "results/teacher/model"} if wildcards.reference == "teacher" else {}),
-        model="results/model/model.json",
-        manifest="results/dataset/manifest.json",
-    output:
-        "results/eval/references/{reference}.json",
+        [f"results/eval/references/{reference}.json" for reference in REFERENCES],
     params:
         arm=reference_settings(),
+        references=list(REFERENCES),
         batch_size=config["lora"]["eval_batch_size"],
-    threads: rule_threads("evaluate_reference")
+    threads: rule_threads("evaluate_references")
     resources:
-        **rule_resources("evaluate_reference"),
+        **rule_resources("evaluate_references"),
     log:
-        log_path("evaluate_reference", "_{reference}"),
+        log_path("evaluate_references"),
     benchmark:
-        benchmark_path("evaluate_reference", "_{reference}")
+        benchmark_path("evaluate_references")
     conda:
         "../environment.yml"
     script:
-        "../workflow_scripts/evaluate_reference.py"
+        "../workflow_scripts/evaluate_references.py"
 
 
 rule collect:
     input:
         evaluations=[f"results/eval/{arm_path(arm)}/metrics.json" for arm in ARMS],
         histories=[f"results/lora/{arm_path(arm)}" for arm in ARMS],
-        references=expand("results/eval/references/{reference}.json", reference=REFERENCES),
+        references=[f"results/eval/references/{reference}.json" for reference in REFERENCES],
     output:
         table="results/reports/ablation.csv",
         references="results/reports/references.csv",
         history="results/reports/ablation_history.csv",
+        module_distance="results/reports/module_distance.csv",
     params:
         arms=ARMS,
         references=list(REFERENCES),

@@ -1,4 +1,4 @@
-"""The HTML report, rendered from the stages' JSON outputs."""
+"""The HTML report, rendered from the stages' JSON outputs; the grid's baseline arm anchors its comparisons."""
 
 
 rule report:
@@ -8,6 +8,7 @@ rule report:
         "results/reports/ablation.html",
     params:
         config_hash=experiment_hash(),
+        baseline=grid_baseline(),
     threads: rule_threads("report")
     resources:
         **rule_resources("report"),

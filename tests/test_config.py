@@ -45,7 +45,7 @@ def test_bad_values_name_their_key(cls, data, message):
 def test_ints_are_accepted_for_floats_and_defaults_fill_in():
     spec = DatasetConfig.from_dict({"synthetic": {"splice_fraction": 1}})
     assert spec.synthetic.splice_fraction == 1.0 and isinstance(spec.synthetic.splice_fraction, float)
-    assert spec.synthetic.train == 160 and spec.source == "synthetic"
+    assert spec.synthetic.train == 320 and spec.source == "synthetic"
 
 
 def test_required_fields_are_reported():

@@ -19,7 +19,7 @@ from lowrank_core.errors import CheckpointError, ConfigError
 from lowrank_core.grid import PRESETS, STRATEGIES, grid_arms, named_entries
 from lowrank_core.io import load_tensors, read_json
 from lowrank_core.lora import ArmConfig, PresetConfig, StrategyConfig, build_student, load_student, resolve_targets
-from lowrank_core.lora_eval import delta_distance
+from lowrank_core.lora_eval import delta_distance, label_blind_loss, merge_factors
 from lowrank_core.modeling import load_model, load_processor
 
 IMAGE_SIZE = 32
@@ -343,3 +343,33 @@ def test_delta_distance_at_the_start_is_what_the_rank_r_truncation_leaves(tiny_m
     assert distance["modules"] == 6
     expected = math.sqrt(residual / total) if init == "svd" else 1.0
     assert distance["relative_distance"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_distance_by_module_group_pools_to_the_overall_distance(tiny_model_dir, delta_dir):
+    """Each group's distance is its own modules' ‖ΔW_student − ΔW_teacher‖ / ‖ΔW_teacher‖; a random start has not
+    moved any weight, so every group is at 1, and the groups cover the vision attention and language q_proj."""
+    student, targets = build_student(str(tiny_model_dir), arm(init="random"), load_processor(tiny_model_dir),
+                                     delta_dir=delta_dir)
+    distance = delta_distance(student, targets, tiny_model_dir, delta_dir.parent / "teacher")
+    groups = {(g["tower"], g["kind"], g["layer"]): g["relative_distance"] for g in distance["groups"]}
+    assert {tower for tower, _, _ in groups} == {"vision", "language"} and {k for _, k, _ in groups} == {"attention"}
+    assert all(value == pytest.approx(1.0) for value in groups.values())
+
+
+def test_merged_delta_reference_is_the_base_plus_the_rank_r_truncated_svd(tiny_model_dir, delta_dir):
+    """The teacher_r{r} reference: base weights plus ΔW_r, checked against torch's own SVD of teacher − base."""
+    model, base = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    teacher = load_model(delta_dir.parent / "teacher")
+    assert merge_factors(model, delta_dir / "factors_r4.safetensors") == 4
+    name = "model.visual.blocks.0.attn.qkv"
+    delta = teacher.get_submodule(name).weight - base.get_submodule(name).weight
+    U, S, Vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
+    expected = base.get_submodule(name).weight.double() + U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+    assert torch.allclose(model.get_submodule(name).weight.double(), expected, atol=1e-5)
+    untouched = "model.visual.blocks.0.mlp.up_proj"
+    assert torch.equal(model.get_submodule(untouched).weight, base.get_submodule(untouched).weight)
+
+
+def test_label_blind_loss_is_ln2_per_record_over_its_answer_tokens():
+    """'yes' (2 tokens) and 'no' (3 tokens): a model sure of the format, 50/50 on the word, loses ln 2 per record."""
+    assert label_blind_loss({1: [5, 9], 0: [6, 7, 9]}, [1, 0, 0, 1]) == pytest.approx(4 * math.log(2) / 10)

@@ -22,6 +22,12 @@ def test_classification_metrics_match_hand_computed_values():
     assert result["roc_auc"] == pytest.approx(0.75)
     assert result["average_precision"] == pytest.approx(0.5 + 1 / 3)
     assert (result["n"], result["n_positive"]) == (4, 2)
+    assert result["positive_rate"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("scores, rate", [([0.9, 0.8, 0.7, 0.6], 1.0), ([0.1, 0.2, 0.3, 0.4], 0.0)])
+def test_one_answer_for_every_sample_shows_as_a_positive_rate_of_0_or_1(scores, rate):
+    assert classification_metrics(scores, [1, 0, 0, 1])["positive_rate"] == rate
 
 
 def test_classification_threshold_moves_the_decision_only():

@@ -70,3 +70,27 @@ def test_bad_checkpoints_are_refused(tmp_path, setup, message):
     setup(checkpoint)
     with pytest.raises(CheckpointError, match=message):
         describe_checkpoint(checkpoint, "text")
+
+
+def test_the_pretrained_tiny_base_tells_grainy_from_clean_images(tiny_model_dir):
+    """The tiny base's pre-training works: on fresh scenes it prefers 'grainy' for noisy and 'clean' for clean ones,
+    scored by the answer's log-probability (an independent readout, not the pre-training loss)."""
+    from sklearn.metrics import roc_auc_score
+
+    from lowrank_core.data import scene
+    from lowrank_core.lm_data import ChatBatcher
+    from lowrank_core.lora import answer_logprobs
+    from lowrank_core.pretrain import GRAIN_THRESHOLD, QUESTION, WORDS
+
+    model, processor = load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)
+    batcher = ChatBatcher(processor, QUESTION, WORDS[1], WORDS[0], 64)
+    rng = np.random.default_rng(123)
+    noise = [float(n) for n in rng.uniform(0, 2 * GRAIN_THRESHOLD, 32)]
+    images = [Image.fromarray(scene(rng, 64, n)) for n in noise]
+    scores = {}
+    for label in (1, 0):
+        batch = batcher([{"image": image, "label": label} for image in images])
+        with torch.no_grad():
+            scores[label] = answer_logprobs(model(**batch, use_cache=False).logits, batch["labels"])[0]
+    grainy = [n > GRAIN_THRESHOLD for n in noise]
+    assert roc_auc_score(grainy, (scores[1] - scores[0]).numpy()) > 0.9

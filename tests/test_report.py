@@ -1,8 +1,10 @@
-"""The HTML report: every stage's section with its tables and figures, sections left out without their inputs,
-and a self-contained page. The stage outputs are written by the stages' own library functions on tiny inputs."""
+"""The HTML report: the findings and warnings first, every stage's section with its tables and figures, sections
+left out without their inputs, and a self-contained page. The stage outputs are written by the stages' own library
+functions on tiny inputs."""
 
 from __future__ import annotations
 
+import html
 import re
 import time
 
@@ -13,10 +15,12 @@ from lowrank_core.data import DatasetConfig, SyntheticSpec, generate_synthetic, 
 from lowrank_core.delta import DeltaConfig, analyse_deltas, write_delta_outputs
 from lowrank_core.features import feature_statistics
 from lowrank_core.head import HeadConfig, pretrain_head
-from lowrank_core.io import save_tensors, write_json
+from lowrank_core.io import read_json, save_tensors, write_json
 from lowrank_core.lowrank import compare_with_svd, train_projection
 from lowrank_core.report import write_report
 from lowrank_core.training import write_history
+from test_report_lora import ARMS as GRID_ARMS
+from test_report_lora import write_grid
 
 torch.set_num_threads(1)
 
@@ -26,8 +30,9 @@ LOWRANK = {"rank": RANK, "row_hidden": [16], "col_hidden": [16], "dropout": 0.0,
            "allocator_init_warmup": 2, "allocator_final_warmup": 2, "allocator_mask_interval": 1,
            "allocator_keep_ratio": 0.5}
 HEAD = {"hidden": 8, "epochs_warm": 1, "epochs_joint": 2, "batch_size": 8, "num_examples": 2}
-TITLES = ["Dataset", "Vision features", "Detection head", "Low-rank feature decomposition", "Teacher full fine-tune",
-          "Is ΔW low-rank?"]
+OPENING = ["Findings", "Warnings"]
+TITLES = [*OPENING, "Dataset", "Vision features", "Detection head", "Low-rank feature decomposition",
+          "Teacher full fine-tune", "Is ΔW low-rank?"]
 
 
 def write_features(path, n: int, seed: int):
@@ -105,8 +110,7 @@ def render(directory, inputs: dict[str, str]) -> str:
 
 def sections_of(page: str) -> dict[str, str]:
     """{section title: its HTML}, in page order."""
-    parts = re.split(r'<h2 id="s\d+">(.*?)</h2>', page)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(re.findall(r'<section id="[\w-]+"><h2>(.*?)</h2>(.*?)</section>', page, re.S))
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +157,15 @@ def test_every_section_renders_with_its_tables_and_figures(page):
 
 def test_sections_are_left_out_without_their_inputs(inputs, tmp_path):
     text_only = {name: inputs[name] for name in ("manifest", "teacher", "delta")}
-    assert list(sections_of(render(tmp_path, text_only))) == ["Dataset", "Teacher full fine-tune", "Is ΔW low-rank?"]
-    assert list(sections_of(render(tmp_path, {"manifest": inputs["manifest"]}))) == ["Dataset"]
+    assert list(sections_of(render(tmp_path, text_only))) == [*OPENING, "Dataset", "Teacher full fine-tune",
+                                                              "Is ΔW low-rank?"]
+    assert list(sections_of(render(tmp_path, {"manifest": inputs["manifest"]}))) == [*OPENING, "Dataset"]
 
     without = {name: path for name, path in inputs.items()
                if name not in ("head_heatmaps", "lowrank_curve_ResMLP", "delta")}
     sections = sections_of(render(tmp_path, without))
-    assert list(sections) == ["Dataset", "Vision features", "Low-rank feature decomposition", "Teacher full fine-tune"]
+    assert list(sections) == [*OPENING, "Dataset", "Vision features", "Low-rank feature decomposition",
+                              "Teacher full fine-tune"]
     lowrank = sections["Low-rank feature decomposition"]
     assert "<th></th><th>AdaLoRA</th></tr>" in lowrank
     assert images(lowrank) == ["AdaLoRA loss curve", "AdaLoRA vs SVD"]
@@ -185,3 +191,26 @@ def test_a_text_dataset_shows_example_texts_instead_of_images(inputs, tmp_path):
                                             "teacher": inputs["teacher"]}))["Dataset"]
     assert images(dataset) == []
     assert "<td>train passage 0 &lt;b&gt;bold&lt;/b&gt;</td>" in dataset and "<td>tampered</td>" in dataset
+
+
+def test_findings_lead_the_page_with_numbers_from_their_sources(inputs, tmp_path):
+    grid = write_grid(tmp_path, GRID_ARMS, seeds=2)
+    page = render(tmp_path, {**inputs, **grid})
+    assert re.findall(r'<section id="([\w-]+)">', page) == [
+        "findings", "warnings", "dataset", "features", "head", "lowrank", "teacher", "delta", "lora"]
+    assert page.index("package versions") < page.index('<section id="findings">')  # right after the provenance
+    anchors = set(re.findall(r'\bid="([\w-]+)"', page))
+    links = re.findall(r'href="#([\w-]+)"', page)
+    assert {"delta", "effects", "convergence", "lora-comparison", "lowrank"} <= set(links) and set(links) <= anchors
+
+    findings = [html.unescape(re.sub(r"<[^>]+>", "", item)) for item in
+                re.findall(r"<li>(.*?)</li>", sections_of(page)["Findings"], re.S)]
+    delta = read_json(f"{inputs['delta']}/svd_analysis.json")
+    energy = {r: delta["groups"]["all"]["energy"][str(r)] for r in delta["ranks"]}
+    assert re.search(r"rank (\d+) holds (\d+)% of", findings[0]).groups() in {(str(r), f"{e * 100:.0f}")
+                                                                                 for r, e in energy.items()}
+    assert "SVD init vs random: reaches the target loss sooner" in findings[1]  # random never reached it
+    assert "50% at r=2, 90% at r=4 of its gain over the base (0.5 → 0.9)" in findings[3]  # references.csv
+    ratios = {arch: read_json(inputs[f"lowrank_comparison_{arch}"])["ratio"]["mse"] for arch in ARCHS}
+    closest = min(ratios, key=ratios.get)
+    assert f"Closest first: {closest} reaches {ratios[closest]:.3g}× the SVD's MSE" in findings[4]

@@ -1,5 +1,6 @@
 """The LoRA grid's report section, rendered from small synthetic grid tables: the sortable experiment table, full
-fine-tune vs LoRA, the effect of each axis and the loss curves by init."""
+fine-tune vs LoRA, the effect of each axis against the baseline, score against cost, ΔW distance per module group
+and the loss curves by init."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lowrank_core.report_lora import axis_effects, lora_section
+from lowrank_core.report_lora import axis_effects, lora_section, pareto_front
 from lowrank_core.report_sections import stage_sections
 
 TEACHER = {"model": "teacher", "source": "lm", "roc_auc": 0.9, "lm_loss": 0.5, "trainable_parameters": 400000,
@@ -17,11 +18,14 @@ TEACHER = {"model": "teacher", "source": "lm", "roc_auc": 0.9, "lm_loss": 0.5, "
            "peak_memory_mb": 800.0, "train_seconds": 20.0, "samples_per_s": 20.0}
 BASE = {"model": "base", "source": "lm", "roc_auc": 0.5, "lm_loss": 6.0, "trainable_parameters": 0,
         "total_parameters": 400000, "trainable_percent": 0.0}
+RANKED = [{"model": f"teacher_r{rank}", "rank": rank, "source": "lm", "roc_auc": roc_auc, "lm_loss": 1.0,
+           "trainable_parameters": 0, "total_parameters": 400000} for rank, roc_auc in ((2, 0.7), (4, 0.86))]
+LAYERS = {("vision", "attention"): 2, ("vision", "mlp"): 2, ("merger", "mlp"): 0, ("language", "attention"): 2}
 
 
 def arm_row(objective: str, init: str, seed: int, preset: str = "standard", strategy: str = "all") -> dict:
     """One arm × seed of `ablation.csv`: head metrics only with a head, LM metrics only with an LM objective."""
-    offset = 0.01 * seed + (0.1 if init == "svd" else 0.0)
+    offset = 0.01 * seed + (0.1 + 0.01 * seed ** 2 if init == "svd" else 0.0)
     head = objective != "lm"
     return {
         "objective": objective, "preset": preset, "init": init, "strategy": strategy, "seed": seed,
@@ -34,11 +38,12 @@ def arm_row(objective: str, init: str, seed: int, preset: str = "standard", stra
         "trainable_parameters": 4000 if head else 2000, "total_parameters": 404000 if head else 400000,
         "trainable_percent": 1.0 if head else 0.5, "adapter_bytes": 16000 if head else 8000,
         "peak_memory_mb": 400.0 + 10 * seed, "train_seconds": 2.0 + seed, "samples_per_s": 50.0 + seed,
+        "positive_rate": 0.4 + offset, "label_blind_loss": np.nan if head else 1.5, "max_steps": 10, "lr": 1e-3,
     }
 
 
 def write_grid(directory, arms: list[tuple[str, str, str]], seeds: int) -> dict[str, str]:
-    """The grid's three tables for `arms` (objective, init, preset) × `seeds`, as `stage_sections` names them."""
+    """The grid's four tables for `arms` (objective, init, preset) × `seeds`, as `stage_sections` names them."""
     runs = pd.DataFrame([arm_row(objective, init, seed, preset) for seed in range(seeds)
                          for objective, init, preset in arms])
     history = pd.DataFrame([
@@ -47,11 +52,18 @@ def write_grid(directory, arms: list[tuple[str, str, str]], seeds: int) -> dict[
          "arm": f"{objective}/{preset}/{init}/all/seed{seed}", "objective": objective, "preset": preset,
          "init": init, "strategy": "all", "seed": seed}
         for seed in range(seeds) for objective, init, preset in arms for step in range(1, 11)])
+    distance = pd.DataFrame([
+        {"objective": objective, "preset": preset, "init": init, "strategy": "all", "seed": seed, "tower": tower,
+         "kind": kind, "layer": layer if layers else None,
+         "relative_distance": 0.5 + 0.1 * layer + 0.01 * seed + (0.2 if init == "random" else 0.0)}
+        for seed in range(seeds) for objective, init, preset in arms
+        for (tower, kind), layers in LAYERS.items() for layer in range(max(layers, 1))])
     files = {"lora_table": directory / "ablation.csv", "lora_references": directory / "references.csv",
-             "lora_history": directory / "ablation_history.csv"}
+             "lora_history": directory / "ablation_history.csv", "lora_module_distance": directory / "distance.csv"}
     runs.to_csv(files["lora_table"], index=False)
-    pd.DataFrame([BASE, TEACHER]).to_csv(files["lora_references"], index=False)
+    pd.DataFrame([BASE, TEACHER, *RANKED]).to_csv(files["lora_references"], index=False)
     history.to_csv(files["lora_history"], index=False)
+    distance.to_csv(files["lora_module_distance"], index=False)
     return {name: str(path) for name, path in files.items()}
 
 
@@ -66,7 +78,8 @@ def grid(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def section_html(grid) -> str:
-    return lora_section(grid["lora_table"], grid["lora_references"], grid["lora_history"]).html
+    return lora_section(grid["lora_table"], grid["lora_references"], grid["lora_history"],
+                        grid["lora_module_distance"]).html
 
 
 def tables(section: str) -> list[list[list[str]]]:
@@ -100,55 +113,92 @@ def test_missing_values_render_as_a_dash(section_html):
 
 
 def test_the_tables_are_sortable_by_an_inline_script(section_html):
-    assert len(tables(section_html)) == 3
+    assert len(tables(section_html)) == 4
     assert section_html.count("<script>") == 1 and 'querySelectorAll("table.sortable")' in section_html
     assert not re.search(r"<script\b[^>]*\bsrc=|<link\b|url\(|@import", section_html)
 
 
 def test_full_fine_tune_vs_lora_gives_lora_over_teacher_ratios(section_html):
     comparison = {r["model"]: r for r in as_dicts(tables(section_html)[1])}
-    assert list(comparison) == ["teacher (full fine-tune)", "base (untrained)", "LoRA head (mean of 9)",
+    assert list(comparison) == ["teacher (full fine-tune)", "base (untrained)",
+                                "teacher_r2 (base + rank-2 ΔW of the teacher)",
+                                "teacher_r4 (base + rank-4 ΔW of the teacher)", "LoRA head (mean of 9)",
                                 "LoRA lm (mean of 3)", "LoRA hybrid (mean of 3)"]
     teacher, head, lm = (comparison[name] for name in ("teacher (full fine-tune)", "LoRA head (mean of 9)",
                                                        "LoRA lm (mean of 3)"))
     assert teacher["trainable parameters"] == "400000" and teacher["storage bytes"] == "1600000"
     assert teacher["params LoRA / teacher"] == "–"
+    assert comparison["teacher_r4 (base + rank-4 ΔW of the teacher)"]["ROC-AUC"] == "0.86"
     assert float(head["params LoRA / teacher"]) == pytest.approx(4000 / 400000)
     assert float(lm["storage LoRA / teacher"]) == pytest.approx(8000 / 1600000)
     assert float(head["memory LoRA / teacher"]) == pytest.approx(410 / 800, rel=1e-3)  # mean over seeds 0, 1, 2
     assert head["scores from"] == "head" and head["LM loss"] == "–"
 
 
-def test_axis_effects_are_means_and_seed_spreads_of_per_seed_means(grid, section_html):
+def test_axis_effects_are_paired_differences_against_the_baseline(grid, section_html):
     runs = pd.read_csv(grid["lora_table"])
-    effects = axis_effects(runs).set_index(["axis", "value"])
-    assert list(effects.index) == [  # objectives and inits in their usual order, the other axes as they appear
-        ("objective", "head"), ("objective", "lm"), ("objective", "hybrid"), ("preset", "standard"),
-        ("preset", "small"), ("init", "random"), ("init", "svd"), ("init", "pissa"), ("strategy", "all")]
-    random = runs[runs["init"] == "random"]
-    per_seed = random.groupby("seed")["roc_auc"].mean()  # over both head/random arms and lm/random
-    assert effects.loc[("init", "random"), "roc_auc mean"] == pytest.approx(per_seed.mean())
-    assert effects.loc[("init", "random"), "roc_auc std"] == pytest.approx(per_seed.std())
-    assert effects.loc[("init", "random"), ["rows", "seeds"]].tolist() == [9, 3]
-    head = runs[runs["objective"] == "head"].groupby("seed")["final_loss"].mean()
-    assert effects.loc[("objective", "head"), "final_loss std"] == pytest.approx(head.std())
+    baseline = {"objective": "head", "preset": "standard", "init": "random", "strategy": "all"}
+    effects = axis_effects(runs, baseline).set_index(["axis", "value"])
+    # every value one axis away from the baseline; hybrid/pissa differs on two axes and stays out
+    assert list(effects.index) == [("objective", "lm"), ("preset", "small"), ("init", "svd")]
+    arm = lambda init: runs[(runs["objective"] == "head") & (runs["preset"] == "standard") & (runs["init"] == init)]
+    diffs = arm("svd").set_index("seed")["roc_auc"] - arm("random").set_index("seed")["roc_auc"]
+    half = 4.302653 * diffs.std() / 3 ** 0.5  # t quantile 0.975 at 2 degrees of freedom
+    svd = effects.loc[("init", "svd")]
+    assert svd["roc_auc Δ"] == pytest.approx(diffs.mean())
+    assert (svd["roc_auc ci_low"], svd["roc_auc ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert svd["roc_auc verdict"] == "better" and svd["final_loss verdict"] == "better"  # lower final loss is better
+    assert svd["roc_auc"] == pytest.approx(arm("svd")["roc_auc"].mean()) and svd["seeds"] == 3
+    assert effects.loc[("preset", "small"), "roc_auc verdict"] == "within noise"
 
     shown = {(r["axis"], r["value"]): r for r in as_dicts(tables(section_html)[2])}
-    assert shown[("init", "random")]["roc_auc"] == f"{per_seed.mean():.4g} ± {per_seed.std():.2g}"
-    assert shown[("init", "svd")]["rows"] == "3"
+    low, high = (float(x) for x in re.findall(r"\[(.*), (.*)\]", shown[("init", "svd")]["roc_auc Δ [95% CI]"])[0])
+    assert (low, high) == pytest.approx((diffs.mean() - half, diffs.mean() + half), abs=1e-3)
+    assert shown[("init", "svd")]["roc_auc verdict"] == "better" and shown[("init", "svd")]["reference"] == "random"
+    assert "<code>head/standard/random/all</code>" in section_html  # the inferred baseline, named
 
 
-def test_loss_curves_are_drawn_by_init(section_html):
-    assert re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', section_html) == ["training loss by init"]
+def test_pareto_front_keeps_the_points_no_other_beats_on_both(section_html):
+    score = pd.Series([0.9, 0.8, 0.8, 0.7, np.nan], index=list("abcde"))
+    cost = pd.Series([10.0, 5.0, 6.0, 1.0, 0.5], index=list("abcde"))
+    assert pareto_front(score, cost).tolist() == [True, True, False, True, False]  # c: b scores as high for less
+
+    pareto = re.search(r'<div id="pareto">(.*?)</div>', section_html, re.S).group(1)
+    fronts = dict(re.findall(r"<li>(.*?): (.*?)</li>", pareto))
+    # lm/random costs 2000 parameters, the head arms 4000; among those head/svd scores highest
+    assert re.findall(r"<code>(.*?)</code>", fronts["trainable parameters"]) == [
+        "lm/standard/random/all", "head/standard/svd/all"]
+    assert images(pareto) == ["test roc_auc against cost"]
 
 
-def test_one_seed_and_one_init_render_without_a_spread(tmp_path):
-    files = write_grid(tmp_path, [("lm", "random", "standard")], seeds=1)
+def test_module_distance_is_averaged_per_group_and_arm(grid, section_html):
+    distance = pd.read_csv(grid["lora_module_distance"])
+    block = re.search(r'<div id="module-distance">(.*?)</div>', section_html, re.S).group(1)
+    rows = {r["arm"]: r for r in as_dicts(tables(block)[0])}
+    vision = distance[(distance["tower"] == "vision") & (distance["kind"] == "mlp") & (distance["init"] == "svd")]
+    assert float(rows["head/standard/svd/all"]["vision/mlp"]) == pytest.approx(vision["relative_distance"].mean(),
+                                                                               rel=1e-3)
+    assert float(rows["lm/standard/random/all"]["merger/mlp"]) == pytest.approx(0.5 + 0.01 + 0.2)  # seeds 0–2
+    assert images(block) == ["ΔW distance by module group"]
+
+
+def images(section: str) -> list[str]:
+    return re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', section)
+
+
+def test_figures_in_order(section_html):
+    assert images(section_html) == ["test roc_auc against cost", "ΔW distance by module group",
+                                    "training loss by init"]
+
+
+def test_one_seed_gives_no_interval_and_an_undetermined_verdict(tmp_path):
+    files = write_grid(tmp_path, [("lm", "random", "standard"), ("lm", "svd", "standard")], seeds=1)
     section = lora_section(files["lora_table"], files["lora_references"], files["lora_history"]).html
-    assert len(as_dicts(tables(section)[0])) == 1
-    effects = as_dicts(tables(section)[2])
-    assert [effect["roc_auc"] for effect in effects] == ["0.7"] * 4  # one seed: no spread
-    assert "training loss by init" in section
+    assert len(as_dicts(tables(section)[0])) == 2
+    (effect,) = as_dicts(tables(section)[2])
+    assert effect["roc_auc Δ [95% CI]"] == "+0.1" and effect["roc_auc verdict"] == "undetermined"
+    assert 'id="module-distance"' not in section and images(section) == ["test roc_auc against cost",
+                                                                          "training loss by init"]
 
 
 def test_stage_sections_add_the_section_only_with_all_three_tables(grid):

@@ -29,8 +29,8 @@ ARM = "head_frozen/standard/random/later_half/seed0"
 SLICE = ("results/head/metrics.json", f"results/eval/{ARM}/metrics.json")  # dataset -> ... -> one arm, evaluated
 # One SLURM job per rule job of the slice; the plugin writes `rule_<name>[_wildcards_<values>]` as the job comment.
 SLICE_JOBS = {"build_tiny_model": 1, "make_synthetic_dataset": 1, "prepare_model": 1, "prepare_dataset": 1,
-              "extract_features": 3, "pretrain_head": 1, "train_teacher": 1, "train_lora": 1, "evaluate": 1}
-ONE_THREAD_RULES = ("train_lora", "evaluate")  # the default config's resources; every other rule has 2 threads
+              "extract_features": 3, "pretrain_head": 1, "train_teacher": 1, "train_lora": 1}
+ONE_THREAD_RULES = ("train_lora",)  # the default config's resources; every other rule has 2 threads
 # What a cluster without accounting needs (no sacct, no account); the first status check comes after 1 s, the
 # plugin's minimum, instead of 40 s. Logs of successful jobs are kept to be checked.
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account",

@@ -8,5 +8,6 @@ from lowrank_core.runtime import run_step
 run_step(lambda: collect(snakemake.params.arms, snakemake.input.evaluations,
                          [Path(arm) / "history.csv" for arm in snakemake.input.histories],
                          dict(zip(snakemake.params.references, snakemake.input.references)),
-                         snakemake.output.table, snakemake.output.references, snakemake.output.history),
+                         snakemake.output.table, snakemake.output.references, snakemake.output.history,
+                         snakemake.output.module_distance),
          snakemake.log[0], snakemake.resources.torch_threads)

@@ -1,12 +1,22 @@
-"""Train one LoRA arm, data-parallel over `resources.gpu` processes when that is above 1; resumable checkpoints
-live in the state directory, not in the output."""
+"""Train one LoRA arm once per seed (data-parallel over `resources.gpu` processes when that is above 1) and evaluate
+each on the test split; resumable checkpoints live in the state directories, not in the outputs."""
 
 from lowrank_core.distributed import launch
 from lowrank_core.lora import ArmConfig, train_lora
+from lowrank_core.lora_eval import evaluate_arm
 from lowrank_core.runtime import run_step
 
-run_step(lambda: launch(train_lora, snakemake.input.model, snakemake.input.manifest,
-                        ArmConfig.from_dict(snakemake.params.arm), snakemake.output[0], snakemake.params.state_dir,
-                        snakemake.params.tensorboard_dir, snakemake.input.get("head"), snakemake.input.get("delta"),
-                        processes=max(1, snakemake.resources.gpu)),
-         snakemake.log[0], snakemake.resources.torch_threads)
+
+def train_and_evaluate_seeds():
+    inputs, params = snakemake.input, snakemake.params
+    for seed, arm_dir, metrics_json, state_dir, tensorboard_dir in zip(
+            params.seeds, snakemake.output.arms, snakemake.output.evaluations, params.state_dirs,
+            params.tensorboard_dirs):
+        arm = ArmConfig.from_dict({**params.arm, "seed": seed})
+        launch(train_lora, inputs.model, inputs.manifest, arm, arm_dir, state_dir, tensorboard_dir,
+               inputs.get("head"), inputs.get("delta"), processes=max(1, snakemake.resources.gpu))
+        evaluate_arm(inputs.model, inputs.manifest, arm, arm_dir, inputs.teacher, metrics_json, params.target_loss,
+                     params.batch_size, inputs.get("head"))
+
+
+run_step(train_and_evaluate_seeds, snakemake.log[0], snakemake.resources.torch_threads)

@@ -1,0 +1,117 @@
+"""Pre-training of the tiny base: what a real vision-language model knows before the study starts.
+
+A real base has seen images and talked about them; a random one has not, and its full fine-tune only learns the
+answer format (the answer-word prior) on a few hundred images. So the tiny model is given a short pre-training on
+generic low-level vision, never on tampering:
+
+1. **vision**: the vision tower and merger learn to encode each merged token's mean colour and local grain (the
+   energy of the image minus its 3x3 blur), through a linear read-out that is then thrown away;
+2. **language**: the whole model learns to answer "Is this image grainy or clean?" about scenes whose *global*
+   sensor noise is low or high, so its language model has learned to read its vision tokens.
+
+The tamper question, its answer words and local noise inconsistencies (what tampering leaves) are never seen:
+the pre-trained base answers the tamper question at chance, and the study's fine-tunes have to learn it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .data import region_mask, scene
+from .lm_data import ChatBatcher
+
+log = logging.getLogger(__name__)
+
+QUESTION = "Is this image grainy or clean? Answer with one word."
+WORDS = {1: "grainy", 0: "clean"}
+GRAIN_THRESHOLD = 10.0  # sensor-noise std (of 255) above which a scene is "grainy"
+VISION_BATCH_SIZE = 16
+LANGUAGE_BATCH_SIZE = 8
+WARMUP_STEPS = 10
+
+
+def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_steps: int, language_steps: int,
+                  lr: float, seed: int) -> dict:
+    """Pre-train `model` in place (vision read-out, then grain question answering); returns the final losses."""
+    rng = np.random.default_rng([seed, 1])
+    losses = {"vision": _pretrain_vision(model, processor, image_size, vision_steps, lr, rng)}
+    batcher = ChatBatcher(processor, QUESTION, WORDS[1], WORDS[0], image_size)
+    optimizer, schedule = _optimizer(model.parameters(), lr, language_steps)
+    model.train()
+    loss = torch.zeros(())
+    for _ in tqdm(range(language_steps), desc="pretrain language", unit="step"):
+        records = []
+        for _ in range(LANGUAGE_BATCH_SIZE):
+            noise = float(rng.uniform(0, 2 * GRAIN_THRESHOLD))
+            records.append({"image": Image.fromarray(scene(rng, image_size, noise)), "label": int(noise > GRAIN_THRESHOLD)})
+        loss = model(**batcher(records), use_cache=False).loss
+        _step(loss, model.parameters(), optimizer, schedule)
+    losses["language"] = loss.item()
+    model.eval()
+    log.info("pre-trained the tiny base: vision read-out loss %.3f, grain-question loss %.3f", losses["vision"],
+             losses["language"])
+    return losses
+
+
+def _pretrain_vision(model: torch.nn.Module, processor, image_size: int, steps: int, lr: float,
+                     rng: np.random.Generator) -> float:
+    """Train the vision tower + merger to linearly encode every merged token's colour and grain, at a constant lr
+    (with warm-up and decay the features it leaves were too weak for the language step to pick up)."""
+    visual = model.model.visual
+    merge = processor.image_processor.patch_size * processor.image_processor.merge_size
+    readout = torch.nn.Linear(model.config.text_config.hidden_size, 4)
+    optimizer = torch.optim.AdamW([*visual.parameters(), *readout.parameters()], lr=lr)
+    pixels = image_size * image_size
+    loss = torch.zeros(())
+    for _ in tqdm(range(steps), desc="pretrain vision", unit="step"):
+        images = [_grainy_patches(rng, image_size) for _ in range(VISION_BATCH_SIZE)]
+        inputs = processor.image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt",
+                                           size={"shortest_edge": pixels, "longest_edge": pixels})
+        tokens = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                return_dict=True).pooler_output
+        targets = torch.stack([_token_statistics(image, merge) for image in images])
+        loss = F.mse_loss(readout(torch.stack(list(tokens))), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def _optimizer(parameters, lr: float, steps: int):
+    """AdamW with a 10-step warm-up and cosine decay (without the warm-up the grain question is not learned)."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(WARMUP_STEPS, steps), max(steps, 1))
+
+
+def _step(loss: torch.Tensor, parameters, optimizer, schedule) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def _grainy_patches(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A scene with up to two regions of extra sensor noise: grain that varies over the image."""
+    image = scene(rng, size, float(rng.uniform(0, 8))).astype(np.float32)
+    for _ in range(rng.integers(0, 3)):
+        inside = np.asarray(region_mask(rng, size), dtype=bool)[..., None]
+        image = np.where(inside, image + rng.normal(0, rng.uniform(5, 30), image.shape), image)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _token_statistics(image: np.ndarray, cell: int) -> torch.Tensor:
+    """Per `cell` x `cell` block (one merged vision token, row-major): mean RGB and log grain, scaled to ~unit range."""
+    pixels = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    grain = (pixels - blurred).square().mean(dim=1, keepdim=True)
+    colour = F.avg_pool2d(pixels, cell)[0] * 4 - 2
+    log_grain = (torch.log(F.avg_pool2d(grain, cell)[0] + 1e-5) + 7) / 2
+    return torch.cat([colour, log_grain]).flatten(1).T

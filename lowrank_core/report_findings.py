@@ -1,0 +1,431 @@
+"""The report's opening sections: the study's findings, computed from the numbers with their confidence, and the
+warnings where a comparison measures nothing.
+
+Each finding answers one question of the study in one sentence, says how sure it is and links to its evidence
+section; a question whose inputs are absent says so. Each warning names the rows (arm/seedN, or a reference) it is
+about. The thresholds are the constants below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .grid import AXES
+from .io import read_json
+from .report import ReportSection
+from .report_lora import LORA_INPUTS, SMOOTHING, arm_means, format_interval, read_grid_table
+from .stats import (BETTER, CONFIDENCE, UNDETERMINED, WITHIN_NOISE, WORSE, arm_label, axis_comparisons,
+                    infer_baseline, init_comparisons, mean_interval)
+
+METRIC = "roc_auc"  # the test score the findings and warnings judge arms by
+LOW_RANK_ENERGY = 0.9  # ΔW is low-rank when a rank a flat spectrum would give at most FLAT_SHARE holds this energy
+FLAT_SHARE = 0.25
+TEACHER_MARGIN = 0.05  # the teacher must beat the base's test score by this much to have learned the task
+CHANCE_MARGIN = 0.05  # an arm whose mean test score is this close to 0.5 is at chance
+LABEL_BLIND_FRACTION = 0.9  # a final loss at this fraction of the label-blind loss or above learned no label
+FORMAT_UNLEARNED = 1.5  # ... and above this multiple of it not even the answer format
+VAL_RISE = 0.05  # the last validation loss this far (relative) above its minimum, while the training loss fell
+COSTS = (("trainable_parameters", "trainable parameters"), ("train_seconds", "train time"),
+         ("peak_memory_mb", "peak memory"))
+EVAL_METRICS = ("accuracy", "f1", "roc_auc", "average_precision", "lm_loss", "perplexity", "positive_rate")
+MAY_BE_MISSING = ("steps_to_target", "label_blind_loss")  # missing by design: target never reached, bound unknown
+
+
+@dataclasses.dataclass
+class Finding:
+    question: str
+    answer: str  # one sentence, plain text
+    confidence: str  # plain text; empty when the question cannot be answered
+    evidence: str | None = None  # the anchor of the section holding the evidence
+    sources: tuple[str, ...] = ()  # the files the numbers come from
+
+
+@dataclasses.dataclass
+class Grid:
+    """The LoRA grid's tables and its baseline arm."""
+    runs: pd.DataFrame
+    references: pd.DataFrame  # indexed by model
+    history: pd.DataFrame
+    baseline: dict
+
+    @classmethod
+    def read(cls, inputs: dict[str, str], baseline: dict | None) -> Grid | None:
+        """The grid of the report's `inputs` (None without its tables); the baseline inferred when None."""
+        if not all(name in inputs for name in LORA_INPUTS):
+            return None
+        runs = read_grid_table(inputs["lora_table"])
+        return cls(runs, pd.read_csv(inputs["lora_references"]).set_index("model"),
+                   read_grid_table(inputs["lora_history"]), baseline or infer_baseline(runs))
+
+
+def findings_section(inputs: dict[str, str], baseline: dict | None = None) -> ReportSection:
+    """`<section id="findings">`: the five questions of the study answered from the report's `inputs` (the names of
+    `write_report`); `baseline` is the grid's baseline arm, inferred when None."""
+    grid = Grid.read(inputs, baseline)
+    delta = Path(inputs["delta"]) / "svd_analysis.json" if "delta" in inputs else None
+    table = (inputs["lora_table"],) if grid else ()
+    comparisons = {key.removeprefix("lowrank_comparison_"): path for key, path in inputs.items()
+                   if key.startswith("lowrank_comparison_")}
+    findings = [
+        dataclasses.replace(delta_finding(read_json(delta) if delta else None), sources=(str(delta),) if delta else ()),
+        dataclasses.replace(init_finding(grid), sources=table),
+        dataclasses.replace(axes_finding(grid), sources=table),
+        dataclasses.replace(fine_tune_finding(grid), sources=(*table, inputs["lora_references"]) if grid else ()),
+        dataclasses.replace(lowrank_finding({arch: read_json(path) for arch, path in comparisons.items()}),
+                            sources=tuple(comparisons.values())),
+    ]
+    intro = (f"<p>Each question answered from the numbers below. Intervals are {CONFIDENCE:.0%} t-intervals over "
+             "seeds, differences paired by seed against the grid's baseline arm"
+             + (f" <code>{html.escape(arm_label(grid.baseline))}</code>" if grid else "") + ".</p>")
+    return ReportSection("Findings", intro + '<ol class="findings">' + "".join(map(_finding_html, findings))
+                         + "</ol>", "findings")
+
+
+def _finding_html(finding: Finding) -> str:
+    notes = [f"Confidence: {html.escape(finding.confidence)}."] if finding.confidence else []
+    if finding.evidence:
+        notes.append(f'<a href="#{finding.evidence}">Evidence</a>'
+                     + (" from " + ", ".join(f"<code>{html.escape(s)}</code>" for s in finding.sources)
+                        if finding.sources else "") + ".")
+    return (f"<li><strong>{html.escape(finding.question)}</strong> {html.escape(finding.answer)}"
+            + (f"<br><small>{' '.join(notes)}</small>" if notes else "") + "</li>")
+
+
+def delta_finding(analysis: dict | None) -> Finding:
+    """Is ΔW low-rank, and where most and least? From `svd_analysis.json` (see `delta.write_delta_outputs`)."""
+    question = "Is ΔW low-rank, and where most and least?"
+    if analysis is None:
+        return Finding(question, "Cannot be answered: the ΔW analysis (results/delta) is not among the inputs.", "")
+    ranks = analysis["ranks"]
+    energy = {r: analysis["groups"]["all"]["energy"][str(r)] for r in ranks}
+    changed = [m for m in analysis["modules"] if m["frobenius_norm"] > 0]
+    if not changed:
+        return Finding(question, "Cannot be answered: the teacher changed none of the analysed modules.", "",
+                       "delta")
+    flat = {r: _flat_energy(changed, r) for r in ranks}
+    low = [r for r in ranks if flat[r] <= FLAT_SHARE and energy[r] >= LOW_RANK_ENERGY]
+    r = low[0] if low else max((r for r in ranks if flat[r] <= FLAT_SHARE), default=ranks[0])
+    share = f"rank {r} holds {energy[r]:.0%} of ‖ΔW‖² over the {len(changed)} changed modules " \
+            f"(a flat spectrum would give {flat[r]:.0%})"
+    if low:
+        verdict = f"Yes: {share}"
+    elif energy[r] >= 2 * flat[r]:
+        verdict = f"Partly: {share}, concentrated but under {LOW_RANK_ENERGY:.0%}"
+    else:
+        verdict = f"No: {share}"
+    key = str(ranks[0])
+    groups = {name: group["energy"][key] for grouping in ("by_tower_kind", "by_layer")
+              for name, group in analysis["groups"][grouping].items() if group["energy"][key] is not None}
+    most, least = max(groups, key=groups.get), min(groups, key=groups.get)
+    where = (f"; at rank {key} the most low-rank group is {most} ({groups[most]:.0%}), the least {least} "
+             f"({groups[least]:.0%})")
+    randomized = sum(m["method"] != "exact" for m in changed)
+    confidence = ("exact SVD of every changed module, of one teacher" if not randomized else
+                  f"{randomized} of {len(changed)} modules by randomized SVD (their energies are lower bounds), "
+                  "of one teacher")
+    return Finding(question, verdict + where + ".", confidence, "delta")
+
+
+def _flat_energy(modules: list[dict], rank: int) -> float:
+    """The pooled energy at `rank` if every module's ΔW had a flat spectrum (rank / full rank of each)."""
+    total = sum(m["frobenius_norm"] ** 2 for m in modules)
+    return sum(min(rank, min(m["shape"])) / min(m["shape"]) * m["frobenius_norm"] ** 2 for m in modules) / total
+
+
+def init_finding(grid: Grid | None) -> Finding:
+    """Does SVD init reach the target loss sooner and end closer to the teacher than every other init in the grid?"""
+    question = "Does SVD init converge faster and end closer to the teacher than the other inits?"
+    if grid is None:
+        return Finding(question, "Cannot be answered: there is no LoRA grid.", "")
+    inits = list(dict.fromkeys(grid.runs["init"]))
+    if "svd" not in inits:
+        return Finding(question, f"Cannot be answered: svd is not in the grid (inits: {', '.join(inits)}).", "",
+                       "effects")
+    clauses, seeds = [], set()
+    for other in (init for init in inits if init != "svd"):
+        rows = init_comparisons(grid.runs, grid.baseline, reference=other)
+        rows = rows[rows["value"] == "svd"].set_index("metric")
+        if rows.empty:
+            continue
+        seeds |= set(rows["n"])
+        clauses.append(f"vs {other}: " + _init_phrase(rows.loc["steps_to_target"], "reaches the target loss",
+                                                      "sooner", "later", "steps")
+                       + " and " + _init_phrase(rows.loc["delta_distance"], "ends", "closer to the teacher",
+                                                "farther from the teacher", "distance"))
+    if not clauses:
+        return Finding(question, "Cannot be answered: no svd arm shares the baseline's objective, preset and "
+                       f"strategy ({arm_label(grid.baseline)}).", "", "effects")
+    confidence = (f"{CONFIDENCE:.0%} paired t-intervals of svd − other over {_counts(seeds)} seed(s); a run that never "
+                  "reached the target loss counts as its max_steps, which understates a difference")
+    return Finding(question, "SVD init " + "; ".join(clauses) + ".", confidence, "convergence")
+
+
+def _init_phrase(row: pd.Series, doing: str, better: str, worse: str, measure: str) -> str:
+    """E.g. "reaches the target loss sooner (Δ steps -12 [-20, -4])", or "cannot tell whether it ..."."""
+    delta = f"Δ {measure} {format_interval(row['mean'], row['ci_low'], row['ci_high'])}"
+    if row["verdict"] in (BETTER, WORSE):
+        return f"{doing} {better if row['verdict'] == BETTER else worse} ({delta})"
+    why = "within noise" if row["verdict"] == WITHIN_NOISE else "fewer than two paired seeds"
+    return f"cannot tell whether it {doing} {better} ({delta}, {why})"
+
+
+def axes_finding(grid: Grid | None) -> Finding:
+    """Which preset, strategy and objective score best on the test metric, and at what cost, against the baseline?"""
+    question = f"Which preset, strategy and objective score best (test {METRIC}), at what cost?"
+    if grid is None or grid.runs[METRIC].isna().all():
+        return Finding(question, f"Cannot be answered: no LoRA runs with a test {METRIC}.", "")
+    means = arm_means(grid.runs, tuple(cost for cost, _ in COSTS if cost in grid.runs))
+    clauses, seeds = [], set()
+    for axis in ("preset", "strategy", "objective"):
+        compared = axis_comparisons(grid.runs, grid.baseline, METRIC, True, axes=(axis,))
+        seeds |= set(compared["n"])
+        clauses.append(_axis_clause(axis, grid.baseline[axis], compared, means, arm_label(grid.baseline)))
+    confidence = (f"{CONFIDENCE:.0%} paired t-intervals of value − baseline over {_counts(seeds)} seed(s); a winner "
+                  "is claimed only when its interval excludes 0" if seeds else "")
+    return Finding(question, "; ".join(clauses) + ".", confidence, "effects")
+
+
+def _axis_clause(axis: str, reference: str, compared: pd.DataFrame, means: pd.DataFrame, baseline: str) -> str:
+    """One axis's part of `axes_finding`."""
+    if compared.empty:
+        return f"{axis}: only {reference} in the grid"
+    better, worse = compared[compared["verdict"] == BETTER], compared[compared["verdict"] == WORSE]
+    if not better.empty:
+        best = better.loc[better["mean"].idxmax()]
+        ratios = [f"{means.at[best['arm'], f'{cost} mean'] / means.at[baseline, f'{cost} mean']:.2g}× the {label}"
+                  for cost, label in COSTS if f"{cost} mean" in means and means.at[baseline, f"{cost} mean"] > 0
+                  and pd.notna(means.at[best["arm"], f"{cost} mean"])]
+        return (f"{axis}: {best['value']} scores best ({best['value_mean']:.3g} vs {best['reference_mean']:.3g} for "
+                f"{reference}, Δ {format_interval(best['mean'], best['ci_low'], best['ci_high'])})"
+                + (f" at {', '.join(ratios)} of {reference}" if ratios else ""))
+    if len(worse) == len(compared):
+        return f"{axis}: the baseline {reference} scores best, every other value lower beyond noise"
+    lower = f" ({', '.join(worse['value'])} lower beyond noise)" if not worse.empty else ""
+    return f"{axis}: no value scores above the baseline {reference} beyond noise{lower}"
+
+
+def fine_tune_finding(grid: Grid | None) -> Finding:
+    """How far is the best LoRA arm from the full fine-tune, and how much of the fine-tune's gain over the base do
+    the teacher's rank-r ΔW references hold?"""
+    question = "How far is the best LoRA arm from the full fine-tune, and how much of its gain does ΔW_r hold?"
+    references = grid.references if grid else None
+    if grid is None or "teacher" not in references.index or pd.isna(references.get(METRIC, {}).get("teacher")):
+        return Finding(question, f"Cannot be answered: no teacher test {METRIC} among the references.", "")
+    teacher = references.at["teacher", METRIC]
+    scores = arm_means(grid.runs, (METRIC,))[f"{METRIC} mean"].dropna()
+    if scores.empty:
+        return Finding(question, f"Cannot be answered: no LoRA run has a test {METRIC}.", "", "lora-comparison")
+    best = scores.idxmax()
+    runs = grid.runs[[arm_label(arm) == best for arm in grid.runs[list(AXES)].to_dict("records")]]
+    score = mean_interval(runs[METRIC])
+    gap = {key: teacher - score[other] for key, other in (("mean", "mean"), ("ci_low", "ci_high"),
+                                                          ("ci_high", "ci_low"))}
+    if gap["ci_low"] <= 0 <= gap["ci_high"]:
+        distance = "matches the full fine-tune within noise"
+    else:
+        distance = f"is {format_interval(gap['mean'], gap['ci_low'], gap['ci_high'])} from it (teacher − arm)"
+    reached = format_interval(score["mean"], score["ci_low"], score["ci_high"], ".3g")
+    answer = (f"The best LoRA arm {best} reaches test {METRIC} {reached} against the full fine-tune's {teacher:.3g} "
+              f"and {distance}; " + _rank_shares(references, teacher))
+    spread = (f"the arm's {CONFIDENCE:.0%} t-interval over {score['n']} seeds" if score["n"] > 1
+              else "one seed, no interval")
+    return Finding(question, answer + ".", f"{spread}; the teacher, base and ΔW_r references are single evaluations",
+                   "lora-comparison")
+
+
+def _rank_shares(references: pd.DataFrame, teacher: float) -> str:
+    """The share of the teacher's gain over the base each `teacher_r{r}` reference holds, as a clause."""
+    ranked = references[references.index.str.startswith("teacher_r")]
+    if ranked.empty:
+        return "there are no ΔW_r references"
+    if "base" not in references.index or pd.isna(references.at["base", METRIC]):
+        return "without a base score the ΔW_r references' share of the gain is unknown"
+    base = references.at["base", METRIC]
+    if teacher - base < TEACHER_MARGIN:
+        return (f"the fine-tune gains only {teacher - base:+.3g} over the base ({base:.3g}), too little to share "
+                "out among the ΔW_r references")
+    order = ranked["rank"] if "rank" in ranked else ranked.index.str.removeprefix("teacher_r").astype(int)
+    shares = [f"{(row[METRIC] - base) / (teacher - base):.0%} at r={int(rank)}"
+              for rank, (_, row) in sorted(zip(order, ranked.iterrows()), key=lambda item: item[0])]
+    return f"the ΔW_r references hold {', '.join(shares)} of its gain over the base ({base:.3g} → {teacher:.3g})"
+
+
+def lowrank_finding(comparisons: dict[str, dict]) -> Finding:
+    """How close do the low-rank nets get to the per-sample truncated SVD? From each arch's `comparison.json`."""
+    question = "How close do the low-rank nets get to the per-sample SVD?"
+    if not comparisons:
+        return Finding(question, "Cannot be answered: no low-rank nets were trained (a text-only model, or no "
+                       "lowrank archs).", "")
+    ranked = sorted(comparisons.items(), key=lambda item: item[1]["ratio"]["mse"] or math.inf)
+    parts = [f"{arch} reaches {c['ratio']['mse']:.3g}× the SVD's MSE at rank {c['effective_rank']} (energy "
+             f"{c['network']['energy_captured']:.3g} vs {c['svd']['energy_captured']:.3g}) in "
+             f"{c['ratio']['seconds_per_sample']:.3g}× its time per sample" for arch, c in ranked
+             if c["ratio"]["mse"] is not None and c["ratio"]["seconds_per_sample"] is not None]
+    if not parts:
+        return Finding(question, "Cannot be answered: the SVD's error is 0, so no ratio exists.", "", "lowrank")
+    samples = sorted({c["n_samples"] for c in comparisons.values()})
+    return Finding(question, f"Closest first: {'; '.join(parts)}.",
+                   f"one evaluation on {_counts(samples)} test samples (no interval); the SVD is the optimum at its "
+                   "rank, so 1× is the best a net can do", "lowrank")
+
+
+def _counts(values) -> str:
+    """Distinct counts as "3" or "2–3"."""
+    values = sorted(int(v) for v in values)
+    if not values:
+        return "0"
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}–{values[-1]}"
+
+
+def warnings_section(inputs: dict[str, str], baseline: dict | None = None) -> ReportSection:
+    """`<section id="warnings">`: every computed warning (see `grid_warnings`), or "No warnings"."""
+    grid = Grid.read(inputs, baseline)
+    teacher_history = Path(inputs["teacher"]) / "history.csv" if "teacher" in inputs else None
+    teacher = pd.read_csv(teacher_history) if teacher_history and teacher_history.exists() else None
+    found = grid_warnings(grid, teacher) if grid else history_warnings({"teacher": teacher} if teacher is not None
+                                                                       else {})
+    body = ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in found) + "</ul>" if found
+            else "<p>No warnings.</p>")
+    intro = ("<p>Computed checks for comparisons that measure nothing: a reference that did not learn "
+             f"(teacher − base &lt; {TEACHER_MARGIN} test {METRIC}), arms at chance (|mean {METRIC} − 0.5| &lt; "
+             f"{CHANCE_MARGIN}) or giving one answer to every test sample, final losses at ≥ "
+             f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, axes without a difference beyond noise, validation "
+             f"losses rising ≥ {VAL_RISE:.0%} above their minimum while the training loss fell, and missing or "
+             "non-finite numbers (NaN guard).</p>")
+    return ReportSection("Warnings", intro + body, "warnings")
+
+
+def grid_warnings(grid: Grid, teacher_history: pd.DataFrame | None = None) -> list[str]:
+    """Every warning about the grid's tables and the teacher's training history."""
+    histories = {name: run for name, run in grid.history.groupby("arm", sort=False)}
+    if teacher_history is not None:
+        histories["teacher"] = teacher_history
+    return (teacher_warnings(grid.references) + chance_warnings(grid.runs, grid.references)
+            + label_blind_warnings(grid.runs) + noise_warnings(grid.runs, grid.baseline)
+            + nan_warnings(grid.runs, grid.references) + history_warnings(histories))
+
+
+def teacher_warnings(references: pd.DataFrame) -> list[str]:
+    """The teacher not `TEACHER_MARGIN` better than the base on the test metric."""
+    if not {"teacher", "base"} <= set(references.index) or METRIC not in references:
+        return []
+    teacher, base = references.at["teacher", METRIC], references.at["base", METRIC]
+    if pd.isna(teacher) or pd.isna(base) or teacher - base >= TEACHER_MARGIN:
+        return []
+    return [f"teacher: test {METRIC} {teacher:.3g} is not {TEACHER_MARGIN} above the base's {base:.3g}; the full "
+            "fine-tune did not learn the task, so comparisons with it measure nothing."]
+
+
+def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame) -> list[str]:
+    """Arms whose mean test metric is at chance, and arms (their seeds named) or references predicting one class for
+    every sample."""
+    found = []
+    scores = arm_means(runs, (METRIC,))
+    for arm, score in scores[f"{METRIC} mean"].items():
+        if abs(score - 0.5) < CHANCE_MARGIN:
+            found.append(f"{arm}: mean test {METRIC} {score:.3g} is at chance (within {CHANCE_MARGIN} of 0.5).")
+    if "positive_rate" in runs:
+        for arm, seeds in _seeds_per_arm(runs[runs["positive_rate"].isin((0, 1))]):
+            answers = ", ".join(f"{seed} {'positive' if rate else 'negative'}"
+                                for seed, rate in zip(seeds["seed"], seeds["positive_rate"]))
+            found.append(f"{arm}: predicts one class for every test sample (seed {answers}).")
+    if "positive_rate" in references:
+        for name, rate in references["positive_rate"].items():
+            if rate in (0, 1):
+                found.append(f"{name}: predicts {'positive' if rate else 'negative'} for every test sample.")
+    return found
+
+
+def label_blind_warnings(runs: pd.DataFrame) -> list[str]:
+    """Arms (their seeds named) whose final training loss stayed at the label-blind bound: the answer format learned,
+    not the label; or far above it: not even the format."""
+    if "label_blind_loss" not in runs:
+        return []
+    ratio = runs["final_loss"] / runs["label_blind_loss"]
+    found = []
+    for stuck, verdict in ((ratio.between(LABEL_BLIND_FRACTION, FORMAT_UNLEARNED),
+                            "it learned the answer format, not the label"),
+                           (ratio > FORMAT_UNLEARNED, "it has not even learned the answer format")):
+        for arm, seeds in _seeds_per_arm(runs[stuck].assign(ratio=ratio[stuck])):
+            times = ", ".join(f"{value:.3g}×" for value in seeds["ratio"])
+            found.append(f"{arm}: final training loss {times} the label-blind bound "
+                         f"{seeds['label_blind_loss'].iloc[0]:.3g} (seed {', '.join(map(str, seeds['seed']))}): "
+                         f"{verdict}.")
+    return found
+
+
+def noise_warnings(runs: pd.DataFrame, baseline: dict) -> list[str]:
+    """Axes none of whose values differs from the baseline beyond noise on the test metric."""
+    found = []
+    for axis in AXES:
+        compared = axis_comparisons(runs, baseline, METRIC, True, axes=(axis,))
+        if not compared.empty and compared["verdict"].isin((WITHIN_NOISE, UNDETERMINED)).all():
+            values = ", ".join(f"{value} ({verdict})" for value, verdict in zip(compared["value"], compared["verdict"]))
+            found.append(f"{axis}: no value differs from the baseline {baseline[axis]} beyond noise on test {METRIC} "
+                         f"({values}); this axis measured nothing at {_counts(compared['n'])} seed(s).")
+    return found
+
+
+def nan_warnings(runs: pd.DataFrame, references: pd.DataFrame) -> list[str]:
+    """NaN guard on the tables: non-finite numbers, and a run's metric missing where other runs of its objective
+    (or other references) have it; `MAY_BE_MISSING` columns may be missing."""
+    found = []
+    numeric = [c for c in runs.select_dtypes("number") if c != "seed" and c not in MAY_BE_MISSING]
+    for name, missing in zip(_run_names(runs), _missing(runs, numeric, runs["objective"]).to_numpy()):
+        if missing:
+            found.append(f"NaN guard: {name} has no finite {', '.join(missing)} while other runs of its objective "
+                         "do.")
+    columns = [c for c in EVAL_METRICS if c in references]
+    for name, missing in _missing(references, columns, pd.Series("all", index=references.index)).items():
+        if missing:
+            found.append(f"NaN guard: reference {name} has no finite {', '.join(missing)} while other references do.")
+    return found
+
+
+def _missing(frame: pd.DataFrame, columns: list[str], groups: pd.Series) -> pd.Series:
+    """Per row, the `columns` that are non-finite there, or missing while another row of its group has them."""
+    values = frame[columns].astype(float)
+    infinite = np.isinf(values)
+    known = values.notna().groupby(groups).transform("any")
+    flagged = infinite | (values.isna() & known)
+    return flagged.apply(lambda row: [c for c in columns if row[c]], axis=1)
+
+
+def history_warnings(histories: dict[str, pd.DataFrame]) -> list[str]:
+    """Per training history: non-finite or missing training losses (NaN guard), and the validation loss rising
+    `VAL_RISE` above its minimum by the end while the (smoothed) training loss fell."""
+    found = []
+    for name, run in histories.items():
+        run = run.sort_values("step")
+        bad = run[~np.isfinite(run["loss"].astype(float)) | np.isinf(run["val_loss"].astype(float))]
+        if not bad.empty:
+            found.append(f"NaN guard: {name} has a missing or non-finite loss at {len(bad)} step(s), first at step "
+                         f"{bad['step'].iloc[0]}.")
+        val = run.dropna(subset=["val_loss"])
+        if len(val) < 2:
+            continue
+        best, last = val.loc[val["val_loss"].idxmin()], val.iloc[-1]
+        train = run.set_index("step")["loss"].rolling(SMOOTHING, min_periods=1).mean()
+        if last["val_loss"] > best["val_loss"] * (1 + VAL_RISE) and train[last["step"]] < train[best["step"]]:
+            found.append(f"{name}: validation loss rose from {best['val_loss']:.3g} (step {best['step']:.0f}) to "
+                         f"{last['val_loss']:.3g} (step {last['step']:.0f}) while the training loss fell from "
+                         f"{train[best['step']]:.3g} to {train[last['step']]:.3g}: overfitting.")
+    return found
+
+
+def _seeds_per_arm(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(objective/preset/init/strategy, its runs) for each arm with runs in `runs`, in table order."""
+    labels = pd.Series([arm_label(row) for row in runs[list(AXES)].to_dict("records")], index=runs.index, dtype=str)
+    return [(arm, runs.loc[labels == arm]) for arm in labels.unique()]
+
+
+def _run_names(runs: pd.DataFrame) -> pd.Series:
+    """objective/preset/init/strategy/seedN of each run."""
+    return pd.Series([f"{arm_label(row)}/seed{row['seed']}" for row in runs[[*AXES, "seed"]].to_dict("records")],
+                     index=runs.index)
