@@ -19,7 +19,7 @@ from lowrank_core.errors import CheckpointError, ConfigError
 from lowrank_core.grid import PRESETS, STRATEGIES, grid_arms, named_entries
 from lowrank_core.io import load_tensors, read_json
 from lowrank_core.lora import ArmConfig, PresetConfig, StrategyConfig, build_student, load_student, resolve_targets
-from lowrank_core.lora_eval import delta_distance, label_blind_loss, merge_factors
+from lowrank_core.lora_eval import delta_distance, label_blind_loss, merge_factors, test_metrics
 from lowrank_core.modeling import load_model, load_processor
 
 IMAGE_SIZE = 32
@@ -178,6 +178,33 @@ def test_peft_inits_start_at_the_base_weights(tiny_model_dir, tiny_model, init):
     base = weights(tiny_model, targets)
     for name, weight in weights(merged, targets).items():
         torch.testing.assert_close(weight, base[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_hold_their_part_of_the_base_weight(tiny_model_dir, tiny_model, init):
+    """PiSSA's adapter holds the top-r singular part of W, OLoRA's the first r columns of W's QR factorisation (both
+    checked against torch's own decompositions); an init that fell back to random (B = 0) would hold nothing."""
+    student, targets = build_student(str(tiny_model_dir), arm(init=init, pissa_niter=0), load_processor(tiny_model_dir))
+    for name in targets:
+        layer = student.model.get_base_model().get_submodule(name)
+        r, scaling = layer.r["default"], layer.scaling["default"]
+        held = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double() * scaling
+        weight = tiny_model.get_submodule(name).weight.detach().double()
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            expected = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+        else:
+            Q, R = torch.linalg.qr(weight)
+            expected = scaling * Q[:, :r] @ R[:r]
+        torch.testing.assert_close(held, expected, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_answer_logprobs_sum_the_log_probabilities_of_the_labelled_tokens():
+    """Hand-computed: the logits at position t predict token t + 1; only labelled (answer) tokens count."""
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [1 / 3, 1 / 3, 1 / 3]]]))
+    labels = torch.tensor([[-100, -100, 1, 2]])  # position 1 predicts token 1 (0.8), position 2 token 2 (0.4)
+    total, count = lora.answer_logprobs(logits, labels)
+    assert total.item() == pytest.approx(math.log(0.8) + math.log(0.4), rel=1e-5) and count.tolist() == [2]
 
 
 @pytest.mark.parametrize("alpha, rslora", [(8, False), (3, True)])
@@ -373,3 +400,31 @@ def test_merged_delta_reference_is_the_base_plus_the_rank_r_truncated_svd(tiny_m
 def test_label_blind_loss_is_ln2_per_record_over_its_answer_tokens():
     """'yes' (2 tokens) and 'no' (3 tokens): a model sure of the format, 50/50 on the word, loses ln 2 per record."""
     assert label_blind_loss({1: [5, 9], 0: [6, 7, 9]}, [1, 0, 0, 1]) == pytest.approx(4 * math.log(2) / 10)
+
+
+def test_lm_scores_are_the_answer_log_odds_the_model_itself_computes(tiny_model_dir, inputs):
+    """The LM's classification score of a record is sigmoid(log p(positive answer) − log p(negative answer)); the
+    oracle takes each answer's log-probability from transformers' own loss on a batch of one."""
+    from sklearn.metrics import roc_auc_score
+
+    processor = load_processor(tiny_model_dir)
+    settings = arm()
+    student, _ = build_student(str(tiny_model_dir), settings, processor)
+    records = read_json(inputs[1])["splits"]["test"]["records"]
+    batcher = lora.arm_batcher(processor, settings)
+    metrics = test_metrics(student, records, batcher, 2, 0.5)
+    log_odds, nll, tokens = [], 0.0, 0
+    for record in records:
+        logprob = {}
+        for label in (1, 0):
+            batch = {k: v for k, v in batcher([{**record, "label": label}]).items() if k not in lora.BATCH_EXTRAS}
+            with torch.no_grad():
+                loss = student.model(**batch, use_cache=False).loss.item()
+            count = int((batch["labels"] != -100).sum())  # the loss is the mean over the answer tokens
+            logprob[label] = -loss * count
+            if label == record["label"]:
+                nll, tokens = nll + loss * count, tokens + count
+        log_odds.append(logprob[1] - logprob[0])
+    labels = [r["label"] for r in records]
+    assert metrics["lm"]["classification"]["roc_auc"] == pytest.approx(roc_auc_score(labels, log_odds))
+    assert metrics["lm"]["loss"] == pytest.approx(nll / tokens, rel=1e-4)
