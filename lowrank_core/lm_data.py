@@ -26,7 +26,8 @@ class ChatBatcher:
 
     `processor` is a vision-language processor (then `image_size` is the square side images are resized to)
     or a tokenizer with a chat template (then `image_size` is None and the records' text comes before the
-    question). The answer ids are located once, after a question-only prompt: the template closes the user turn
+    question); a record's `image` (a PIL image), where it has one, is used instead of loading its `image_path`.
+    The answer ids are located once, after a question-only prompt: the template closes the user turn
     before the assistant's, so they do not depend on what the prompt holds. `fusion_tokens` placeholder tokens (the
     pad token) go right after the image; batches then carry `fusion_mask`, true at those positions, where a hybrid
     student writes its fusion embeddings.

@@ -13,13 +13,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import launch_data_parallel, vision_inputs
-from lowrank_core import lora
+from lowrank_core import lora, lora_eval
 from lowrank_core.delta import DeltaConfig, export_delta
 from lowrank_core.errors import CheckpointError, ConfigError
 from lowrank_core.grid import PRESETS, STRATEGIES, grid_arms, named_entries
 from lowrank_core.io import load_tensors, read_json
 from lowrank_core.lora import ArmConfig, PresetConfig, StrategyConfig, build_student, load_student, resolve_targets
-from lowrank_core.lora_eval import delta_distance, label_blind_loss, merge_factors, test_metrics
+from lowrank_core.lora_eval import delta_distance, label_blind_loss, merge_factors
 from lowrank_core.modeling import load_model, load_processor
 
 IMAGE_SIZE = 32
@@ -412,7 +412,7 @@ def test_lm_scores_are_the_answer_log_odds_the_model_itself_computes(tiny_model_
     student, _ = build_student(str(tiny_model_dir), settings, processor)
     records = read_json(inputs[1])["splits"]["test"]["records"]
     batcher = lora.arm_batcher(processor, settings)
-    metrics = test_metrics(student, records, batcher, 2, 0.5)
+    metrics = lora_eval.test_metrics(student, records, batcher, 2, 0.5)
     log_odds, nll, tokens = [], 0.0, 0
     for record in records:
         logprob = {}
