@@ -134,8 +134,9 @@ def evaluate_arm(model_info_json: str | Path, manifest_json: str | Path, arm: Ar
     metrics = test_metrics(student, records, arm_batcher(processor, arm), batch_size, arm.head.threshold)
     metrics["convergence"] = convergence(Path(arm_dir) / "history.csv", target_loss)
     metrics["delta"] = delta_distance(student, targets, info["path"], teacher_dir)
-    metrics["cost"] = {k: v for k, v in read_json(Path(arm_dir) / "train_stats.json").items() if k in COST_KEYS}
-    metrics["train"] = {key: getattr(arm.train, key) for key in TRAIN_KEYS}
+    stats = read_json(Path(arm_dir) / "train_stats.json")
+    metrics["cost"] = {k: v for k, v in stats.items() if k in COST_KEYS}
+    metrics["train"] = {key: stats["train"][key] for key in TRAIN_KEYS}  # what the arm recorded it trained with
     write_json(out_json, metrics)
     log.info("%s: %s %.4g", arm_dir, metrics["classification_source"], metrics["classification"]["roc_auc"] or math.nan)
     return metrics
@@ -214,8 +215,9 @@ def collect(arms: list[dict], eval_jsons: list[str | Path], histories: list[str 
     evaluations = [read_json(path) for path in eval_jsons]
     keys = [{a: arm[a] for a in (*AXES, "seed")} for arm in arms]
     table = pd.DataFrame([{**key, **flat_row(metrics)} for key, metrics in zip(keys, evaluations)])
-    reference_table = pd.DataFrame([{"model": name, "rank": read_json(path).get("rank"), **flat_row(read_json(path))}
-                                    for name, path in references.items()])
+    reference_evaluations = {name: read_json(path) for name, path in references.items()}
+    reference_table = pd.DataFrame([{"model": name, "rank": metrics.get("rank"), **flat_row(metrics)}
+                                    for name, metrics in reference_evaluations.items()])
     distance = pd.DataFrame([{**key, **group} for key, metrics in zip(keys, evaluations)
                              for group in (metrics.get("delta") or {}).get("groups", [])],
                             columns=[*AXES, "seed", "tower", "kind", "layer", "relative_distance"])

@@ -50,7 +50,8 @@ def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_ste
         records = []
         for _ in range(LANGUAGE_BATCH_SIZE):
             noise = float(rng.uniform(0, 2 * GRAIN_THRESHOLD))
-            records.append({"image": Image.fromarray(scene(rng, image_size, noise)), "label": int(noise > GRAIN_THRESHOLD)})
+            image = Image.fromarray(scene(rng, image_size, noise))
+            records.append({"image": image, "label": int(noise > GRAIN_THRESHOLD)})
         loss = model(**batcher(records), use_cache=False).loss
         _step(loss, model.parameters(), optimizer, schedule)
     losses["language"] = loss.item()

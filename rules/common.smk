@@ -56,7 +56,8 @@ def arm_settings(wildcards):
     settings = {"objective": wildcards.objective, "init": wildcards.init,
                 "preset": named_entries(PRESETS, lora["presets"])[wildcards.preset],
                 "strategy": named_entries(STRATEGIES, lora["strategies"])[wildcards.strategy],
-                "train": objective_train(wildcards.objective), "image_size": config["features"]["image_size"] if VISION else None}
+                "train": objective_train(lora, wildcards.objective),
+                "image_size": config["features"]["image_size"] if VISION else None}
     if wildcards.objective in VISION_OBJECTIVES:
         settings["head"] = {key: config["head"][key] for key in HEAD_LOSS_KEYS}
     if wildcards.objective.startswith("hybrid"):
@@ -66,9 +67,8 @@ def arm_settings(wildcards):
     return settings
 
 
-def objective_train(objective):
+def objective_train(lora, objective):
     """`lora.train` with the objective's `lora.train_by_objective` entry over it: the settings its arms train with."""
-    lora = config_slice("lora")
     return {**lora["train"], **lora["train_by_objective"].get(objective, {})}
 
 
