@@ -182,7 +182,7 @@ def validate_dataset(annotation_files: dict[str, str | Path], modality: str = "v
     for split in SPLITS:
         path = Path(annotation_files[split])
         records = [_validate_record(record, i, path, modality, manifest["warnings"])
-                   for i, record in enumerate(_read_list(path))]
+                   for i, record in enumerate(read_records(path))]
         if not records:
             raise DataError(f"{path}: split '{split}' is empty")
         for record in records:
@@ -210,7 +210,8 @@ def _describe(record: dict) -> str:
     return f"text {text if len(text) <= 60 else text[:57] + '...'!r}"
 
 
-def _read_list(path: Path) -> list:
+def read_records(path: Path) -> list:
+    """The list of records in annotation file `path` (DataError naming it if there is none)."""
     try:
         records = json.loads(path.read_text())
     except FileNotFoundError:
@@ -257,21 +258,22 @@ def _validate_image_record(record: dict, where: str, path: Path, warnings: list[
     image_path = (path.parent / record["image_path"]).resolve()
     width, height = _image_size(image_path, f"{where}: image")
     mask_path = record.get("mask_path")
-    if mask_path is None or (isinstance(mask_path, str) and not _ZERO_MASK.match(mask_path)
-                             and not (path.parent / mask_path).exists()):
+    if mask_path is None:
         if label == 1:
             warnings.append(f"{where}: tampered image {image_path.name} has no mask; "
                             "used for classification only")
-            mask_path = None
         else:
             mask_path = f"{height}x{width}"
     elif not isinstance(mask_path, str):
-        raise DataError(f"{where}: 'mask_path' must be a string, \"HxW\" or null")
+        raise DataError(f"{where}: 'mask_path' must be a mask file, \"HxW\" or null, got {mask_path!r}")
     elif match := _ZERO_MASK.match(mask_path):
         if (int(match[1]), int(match[2])) != (height, width):
             raise DataError(f"{where}: mask size {mask_path} does not match image size {height}x{width}")
     else:
         mask_file = (path.parent / mask_path).resolve()
+        if not mask_file.is_file():
+            raise DataError(f"{where}: 'mask_path' {mask_path!r} is neither \"HxW\" nor an existing file "
+                            f"({mask_file})")
         if _image_size(mask_file, f"{where}: mask") != (width, height):
             raise DataError(f"{where}: mask {mask_file} size does not match image {image_path} ({height}x{width})")
         mask_path = str(mask_file)
@@ -306,12 +308,24 @@ def load_mask(mask_path: str | None, size: int) -> np.ndarray | None:
     return (np.asarray(resized, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
 
 
+def check_source(cfg: DatasetConfig, modality: str) -> None:
+    """The source gives records of `modality`'s kind and its annotation files exist (errors name the key)."""
+    if cfg.source == "synthetic":
+        if modality != "vision_language":
+            raise DataError(f"dataset.source: the synthetic dataset is images, but model.modality is {modality}: "
+                            f"point dataset.source at a directory of {RECORD_KINDS[modality].form} records")
+        return
+    if not Path(cfg.source).is_dir():
+        raise DataError(f"dataset.source: {cfg.source} is not a directory (of annotation files, or 'synthetic')")
+    for split, name in cfg.splits.items():
+        if not (Path(cfg.source) / name).is_file():
+            raise DataError(f"dataset.splits.{split}: {Path(cfg.source) / name} does not exist")
+
+
 def prepare_dataset(cfg: DatasetConfig, synthetic_dir: str | Path | None, out_manifest: str | Path,
                     modality: str = "vision_language") -> dict:
     """Validate the configured annotations (records of `modality`'s kind) and write the manifest."""
-    if cfg.source == "synthetic" and modality != "vision_language":
-        raise DataError(f"dataset.source: the synthetic dataset is images, but model.modality is {modality}: "
-                        f"point dataset.source at a directory of {RECORD_KINDS[modality].form} records")
+    check_source(cfg, modality)
     manifest = validate_dataset(cfg.annotation_files(synthetic_dir or ""), modality)
     write_json(out_manifest, {**manifest, "source": cfg.source, "modality": modality})
     for split, info in manifest["splits"].items():

@@ -24,6 +24,7 @@ import importlib.metadata
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,9 @@ from .modeling import load_model, load_processor
 from .training import Batches, TrainConfig, sha256, train_loop, write_history
 
 log = logging.getLogger(__name__)
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per adapter that a user can do
+# nothing about
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 Layers = str | list[int]
 TOWERS = ("vision", "merger", "language", "lm_head")
@@ -96,9 +100,11 @@ class StrategyConfig(Section):
             selection = getattr(self, tower)
             if isinstance(selection, str):
                 fraction = _FRACTION_RANGE.match(selection)
-                require(selection in ("all", "none") or bool(_LAYER_RANGE.match(selection))
+                span = _LAYER_RANGE.match(selection)
+                require(selection in ("all", "none") or bool(span and int(span[1]) <= int(span[2]))
                         or bool(fraction and float(fraction[1]) < float(fraction[2]) <= 1), key, tower,
-                        f"{selection!r} is not all, none, a fraction range like 0.5:1, or an index range like 12-23")
+                        f"{selection!r} is not all, none, a fraction range like 0.5:1, or an ascending index range "
+                        "like 12-23")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +128,8 @@ class ArmConfig(Section):
         require(self.fusion_tokens >= 1, key, "fusion_tokens", "must be at least 1")
         require(self.lm_weight >= 0, key, "lm_weight", "must not be negative")
         require(self.pissa_niter >= 0, key, "pissa_niter", "must not be negative (0: exact SVD)")
-        require(not (self.init == "svd" and self.preset.use_dora), key, "preset.use_dora",
-                "the svd init sets W_base + ΔW_r through plain LoRA factors; it is not supported with DoRA")
+        require(not (self.init == "svd" and self.preset.use_dora), key, "grid.inits",
+                "svd sets W_base + ΔW_r through plain LoRA factors; it cannot start a preset with use_dora")
         require(self.train.sharding == "none", f"{key}.train", "sharding",
                 "fsdp is for the teacher's full fine-tune; LoRA arms run data-parallel (resources.train_lora.gpu)")
 
@@ -163,9 +169,13 @@ def select_layers(selection: Layers, depth: int, key: str) -> set[int]:
 
 
 def resolve_targets(model: nn.Module, preset: PresetConfig, strategy: StrategyConfig, towers: set[str],
-                    key: str = "lora.strategies") -> list[str]:
+                    key: str = "lora.strategies", preset_key: str = "lora.presets") -> list[str]:
     """Full names of the linear modules that get adapters: the strategy's places (within `towers`) ∩ the preset's
-    module kinds; the merger and lm_head take every linear module they have."""
+    module kinds; the merger and lm_head take every linear module they have.
+
+    Raises ConfigError (naming `key` or `preset_key`) for a layer outside the model, or for a module kind that
+    matches no module in the blocks the strategy selects (a typo would otherwise train on the rest).
+    """
     kinds = set(preset.target_modules)
     found: dict[str, list[tuple[int, str, str]]] = {tower: [] for tower in TOWERS}
     for name, module in model.named_modules():
@@ -176,17 +186,42 @@ def resolve_targets(model: nn.Module, preset: PresetConfig, strategy: StrategyCo
                 layer = int(match[1]) if tower in ("vision", "language") else 0
                 found[tower].append((layer, name, name.rsplit(".", 1)[-1]))
                 break
-    targets = []
+    targets, covered, selects_blocks = [], set(), False
     for tower in ("vision", "language"):
-        if tower not in towers or not found[tower]:
+        if not found[tower]:
             continue
         depth = max(layer for layer, _, _ in found[tower]) + 1
         layers = select_layers(getattr(strategy, tower), depth, f"{key}.{tower}")
-        targets += [name for layer, name, leaf in found[tower]
-                    if layer in layers and (leaf in kinds or kinds & _VISION_ALIASES.get(leaf, set()))]
+        selected = [(name, leaf) for layer, name, leaf in found[tower] if layer in layers]
+        selects_blocks |= bool(selected)
+        covered |= {kind for _, leaf in selected for kind in {leaf} | _VISION_ALIASES.get(leaf, set())}
+        if tower in towers:
+            targets += [name for name, leaf in selected if leaf in kinds or kinds & _VISION_ALIASES.get(leaf, set())]
+    unmatched = sorted(kinds - covered)
+    if selects_blocks and unmatched:
+        raise ConfigError(f"{preset_key}.target_modules: {unmatched[0]!r} matches no module in the blocks {key} "
+                          f"selects (their kinds: {', '.join(sorted(covered))})")
     for tower in ("merger", "lm_head"):
         if tower in towers and getattr(strategy, tower):
             targets += [name for _, name, _ in found[tower]]
+    return targets
+
+
+def arm_targets(model: nn.Module, arm: ArmConfig, is_vision: bool, strategy_key: str = "lora.strategies",
+                preset_key: str = "lora.presets") -> list[str]:
+    """The arm's target modules on `model` (`resolve_targets` over the parts its objective runs), without an
+    lm_head tied to the input embeddings; ConfigError if that leaves none."""
+    if arm.has_head and not is_vision:
+        raise ConfigError(f"lora.grid.objectives: {arm.objective} needs a vision-language model")
+    towers = arm.towers() if is_vision else {"language", "lm_head"}
+    targets = resolve_targets(model, arm.preset, arm.strategy, towers, strategy_key, preset_key)
+    if "lm_head" in targets and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        log.warning("lm_head shares its weight with the input embeddings: it gets no adapter, since merging one (or "
+                    "a PiSSA / OLoRA init) would change the embeddings too")
+        targets.remove("lm_head")
+    if not targets:
+        raise ConfigError(f"{strategy_key}: the strategy puts no adapter where objective {arm.objective} runs "
+                          f"({', '.join(sorted(towers))}) for target_modules {list(arm.preset.target_modules)}")
     return targets
 
 
@@ -279,17 +314,7 @@ def build_student(model_path: str, arm: ArmConfig, processor, trust_remote_code:
     """
     model = load_model(model_path, dtype, trust_remote_code)
     is_vision = hasattr(processor, "image_processor")
-    if arm.has_head and not is_vision:
-        raise ConfigError(f"lora.grid.objectives: {arm.objective} needs a vision-language model")
-    towers = arm.towers() if is_vision else {"language", "lm_head"}
-    targets = resolve_targets(model, arm.preset, arm.strategy, towers)
-    if "lm_head" in targets and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        log.warning("lm_head shares its weight with the input embeddings: it gets no adapter, since merging one (or "
-                    "a PiSSA / OLoRA init) would change the embeddings too")
-        targets.remove("lm_head")
-    if not targets:
-        raise ConfigError(f"lora.strategies: the strategy puts no adapter where objective {arm.objective} runs "
-                          f"({', '.join(sorted(towers))}) for target_modules {list(arm.preset.target_modules)}")
+    targets = arm_targets(model, arm, is_vision)
     log.info("%d target modules: %s", len(targets), ", ".join(targets))
     torch.manual_seed(arm.seed)
     peft_model = get_peft_model(model, LoraConfig(

@@ -253,11 +253,7 @@ class RankGateAllocator:
     def __init__(self, gate: RankGate, cfg: LowrankConfig, total_steps: int):
         self.gate = gate
         self.final_step = total_steps - cfg.allocator_final_warmup
-        if cfg.allocator_init_warmup >= self.final_step:
-            raise ConfigError(
-                f"{cfg.key}.allocator_init_warmup: {cfg.allocator_init_warmup} init + {cfg.allocator_final_warmup} "
-                f"final warm-up steps leave no budgeting phase in {total_steps} steps ({cfg.key}.epochs × steps per "
-                f"epoch); lower the warm-ups or train longer")
+        check_allocator_budget(cfg, total_steps)
         config = AdaLoraConfig(init_r=cfg.rank, target_r=kept_rank(cfg),
                                tinit=cfg.allocator_init_warmup, tfinal=cfg.allocator_final_warmup,
                                deltaT=cfg.allocator_mask_interval, total_step=total_steps)
@@ -293,6 +289,20 @@ class RankGateAllocator:
 def kept_rank(cfg: LowrankConfig) -> int:
     """The number of rank-gate channels an AdaLoRA net keeps: allocator_keep_ratio · rank, at least 1."""
     return max(1, round(cfg.allocator_keep_ratio * cfg.rank))
+
+
+def allocator_steps(cfg: LowrankConfig, train_samples: int) -> int:
+    """The optimizer steps of a run of `cfg.epochs` over `train_samples` samples: the allocator's budget."""
+    return cfg.epochs * math.ceil(train_samples / cfg.batch_size)
+
+
+def check_allocator_budget(cfg: LowrankConfig, total_steps: int) -> None:
+    """ConfigError unless the init and final warm-ups leave AdaLoRA's allocator a budgeting phase."""
+    if cfg.allocator_init_warmup >= total_steps - cfg.allocator_final_warmup:
+        raise ConfigError(
+            f"{cfg.key}.allocator_init_warmup: {cfg.allocator_init_warmup} init + {cfg.allocator_final_warmup} "
+            f"final warm-up steps leave no budgeting phase in {total_steps} steps ({cfg.key}.epochs × steps per "
+            f"epoch); lower the warm-ups or train longer")
 
 
 def make_allocator(model: ProjectionNet, cfg: LowrankConfig, total_steps: int) -> RankGateAllocator | None:
@@ -446,7 +456,7 @@ class _Training:
         torch.manual_seed(seed)
         self.model = build_projection(arch, train.shape[1], train.shape[2], cfg).to(device)
         self.optimizer, self.scheduler = _new_optimizer(self.model, cfg)
-        self.allocator = make_allocator(self.model, cfg, cfg.epochs * math.ceil(len(train) / cfg.batch_size))
+        self.allocator = make_allocator(self.model, cfg, allocator_steps(cfg, len(train)))
         self.fingerprint = _fingerprint(arch, cfg, seed, train, val)
         self.budgets = _budgets(cfg)
         self.run = _Run(segments=[{"start_epoch": 0, "epochs": 0, "stop_reason": None}],

@@ -119,11 +119,27 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
     on generic low-level vision (`pretrain.pretrain_tiny`) so that, like a real base, it can see its images."""
     torch.manual_seed(spec.seed)
     tokenizer = _train_tokenizer(spec.vocab_size)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(tiny_config(spec, tokenizer))
+    image_processor = transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
+        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
+    processor = image_only_processor_class(transformers.Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    pretrain_tiny(model, processor, spec.image_size, spec.pretrain_vision_steps, spec.pretrain_language_steps,
+                  spec.pretrain_lr, spec.seed)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    log.info("built tiny Qwen2.5-VL with %d parameters in %s", model.num_parameters(), out_dir)
+    return Path(out_dir)
+
+
+def tiny_config(spec: TinyModelSpec, tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PretrainedConfig:
+    """The tiny model's Qwen2.5-VL config: `spec`'s sizes, `tokenizer`'s vocabulary and special tokens."""
     token_id = tokenizer.convert_tokens_to_ids
     half_head_dim = spec.text_hidden_size // spec.text_heads // 2
     mrope = [half_head_dim // 4, (half_head_dim - half_head_dim // 4) // 2]
     mrope.append(half_head_dim - sum(mrope))
-    config = transformers.Qwen2_5_VLConfig(
+    return transformers.Qwen2_5_VLConfig(
         vision_config=dict(
             depth=spec.vision_depth, hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
             num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2,
@@ -142,18 +158,24 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
         vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=False,  # as Qwen2.5-VL-7B: lm_head can take an adapter that merges cleanly
     )
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
-        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
-    processor = image_only_processor_class(transformers.Qwen2_5_VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    pretrain_tiny(model, processor, spec.image_size, spec.pretrain_vision_steps, spec.pretrain_language_steps,
-                  spec.pretrain_lr, spec.seed)
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    log.info("built tiny Qwen2.5-VL with %d parameters in %s", model.num_parameters(), out_dir)
-    return Path(out_dir)
+
+
+def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:
+    """The base model's module tree on the meta device, from its config alone (no weights read, no pre-training):
+    what the workflow checks its config against before any job runs. CheckpointError names an unusable
+    checkpoint."""
+    if cfg.source == "tiny":
+        config = tiny_config(cfg.tiny, _train_tokenizer(cfg.tiny.vocab_size))
+    else:
+        read_model_config(cfg.source)
+        config = transformers.AutoConfig.from_pretrained(cfg.source, trust_remote_code=cfg.trust_remote_code)
+    auto = (transformers.AutoModelForImageTextToText if hasattr(config, "vision_config")
+            else transformers.AutoModelForCausalLM)
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{cfg.source}/config.json: cannot build its model ({str(err).splitlines()[0]})") from err
 
 
 def _train_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:

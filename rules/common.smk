@@ -1,15 +1,31 @@
 """Helpers shared by the rules: config slices, resources and the wildcard constraints."""
 
+import glob
 import hashlib
 import json
 import math
 import os
+from types import SimpleNamespace
 
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from lowrank_core.errors import ConfigError, exit_on_bad_input
 from lowrank_core.grid import FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES, PRESETS, STRATEGIES, VISION_OBJECTIVES
-from lowrank_core.errors import ConfigError
 from lowrank_core.grid import AXES, LISTS, arm_path, grid_arms, named_entries
 
 
+def validate_config():
+    """Snakemake's schema validation (filling in defaults), its error as one line naming the key."""
+    try:
+        validate(config, "../config/schema.yaml", set_default=True)
+    except WorkflowError as error:
+        invalid = error.__context__  # the jsonschema ValidationError
+        key = ".".join(map(str, invalid.absolute_path)) or "(top level)"
+        raise ConfigError(f"{key}: {invalid.message}") from None
+
+
+exit_on_bad_input(validate_config)
 SPLITS = ("train", "val", "test")
 # `--cores` above this machine's CPUs (the README's `--cores 8` on a 2-core laptop) would run more torch threads
 # than CPUs at once: every job's claim is scaled up by the excess, so that the jobs running together never claim
@@ -17,11 +33,9 @@ SPLITS = ("train", "val", "test")
 CORES_PER_CPU = max(1.0, (workflow.resource_settings.cores or 0) / len(os.sched_getaffinity(0)))
 VISION = config["model"]["modality"] == "vision_language"
 ARCHS = config["lowrank"]["archs"]
-ARMS = grid_arms(config["lora"])  # one entry per arm and seed
+ARMS = exit_on_bad_input(grid_arms, config["lora"])  # one entry per arm and seed
 SEEDS = config["lora"]["grid"]["seeds"]
 ARM = "{objective}/{preset}/{init}/{strategy}"  # an arm's place under results/lora, results/eval, logs and state
-if not VISION and any(arm["objective"] in VISION_OBJECTIVES for arm in ARMS):
-    raise ConfigError("lora.grid.objectives: a text-only model (model.modality text) can only train objective lm")
 # the untrained base, the full fine-tune, and the base with the teacher's ΔW_r merged for each exported rank
 REFERENCES = ("base", "teacher", *(f"teacher_r{rank}" for rank in config["delta"]["ranks"]))
 HEAD_LOSS_KEYS = ("hidden", "dropout", "loc_loss", "loc_weight", "threshold")  # what an arm reads of `head`
@@ -127,8 +141,11 @@ def model_dir():
 
 
 def model_checkpoint_input(wildcards):
-    """The tiny model's directory (a rule output), or a local checkpoint's config.json (a file that must exist)."""
-    return model_dir() if config["model"]["source"] == "tiny" else f"{model_dir()}/config.json"
+    """The tiny model's directory (built by the workflow), or a local checkpoint's config.json and weight files:
+    replacing the weights reruns everything computed from them."""
+    if config["model"]["source"] == "tiny":
+        return model_dir()
+    return [f"{model_dir()}/config.json", *sorted(glob.glob(f"{model_dir()}/*.safetensors"))]
 
 
 def annotation_input(wildcards):
@@ -153,3 +170,15 @@ def report_inputs(wildcards):
                        for name, file in (("comparison", "comparison.json"), ("spatial", "comparison.png"),
                                           ("history", "history.json"), ("curve", "loss_curve.png"))}
     return inputs
+
+
+def check_config_before_any_job():
+    """Everything the config decides (lowrank_core.preflight), once, in the process that schedules the jobs."""
+    from lowrank_core.preflight import check_workflow
+
+    arms = {ARM.format(**arm): arm for arm in ARMS}.values()
+    exit_on_bad_input(check_workflow, config, [(arm, arm_settings(SimpleNamespace(**arm))) for arm in arms])
+
+
+if workflow.is_main_process:
+    check_config_before_any_job()

@@ -19,7 +19,8 @@ rule make_synthetic_dataset:
         "../workflow_scripts/make_synthetic_dataset.py"
 
 
-rule prepare_dataset:
+rule prepare_dataset:  # before other ready jobs: a bad input fails before anything expensive has started
+    priority: 10
     input:
         annotation_input,
     output:

@@ -19,7 +19,8 @@ rule build_tiny_model:
         "../workflow_scripts/build_tiny_model.py"
 
 
-rule prepare_model:
+rule prepare_model:  # before other ready jobs: a bad input fails before anything expensive has started
+    priority: 10
     input:
         model_checkpoint_input,
     output:

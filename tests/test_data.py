@@ -112,6 +112,10 @@ def _corrupt(root, records, case):
         train[1]["mask_path"] = "img/small_mask.png"
     elif case == "zero_mask_size":
         train[0]["mask_path"] = "20x16"
+    elif case == "malformed_zero_mask":
+        train[0]["mask_path"] = "16by20"
+    elif case == "missing_mask":
+        train[1]["mask_path"] = "img/nowhere_mask.png"
     elif case == "empty_split":
         records["test"] = []
     elif case == "duplicate":
@@ -132,6 +136,9 @@ def _corrupt(root, records, case):
         ("unreadable_image", r"train\.json: record 0: image .*broken\.png is unreadable"),
         ("mask_size", r"train\.json: record 1: mask .*small_mask\.png size does not match"),
         ("zero_mask_size", r"train\.json: record 0: mask size 20x16 does not match image size 16x20"),
+        ("malformed_zero_mask", r"train\.json: record 0: 'mask_path' '16by20' is neither \"HxW\" nor an existing file"),
+        ("missing_mask", r"train\.json: record 1: 'mask_path' 'img/nowhere_mask\.png' is neither \"HxW\" nor an "
+                         r"existing file \(.*nowhere_mask\.png\)"),
         ("empty_split", r"test\.json: split 'test' is empty"),
         ("duplicate", r"train\.json: image .*train_0\.png is listed twice"),
         ("duplicate_across_splits", r"val\.json: image .*train_0\.png is listed twice \(also in split 'train'\)"),

@@ -147,6 +147,17 @@ def test_a_layer_outside_the_model_names_the_strategy_key(tiny_model):
         StrategyConfig.from_dict({"language": "later"}, "lora.strategies.x")
 
 
+def test_a_module_kind_that_matches_nothing_the_strategy_selects_names_the_preset(tiny_model):
+    preset = PresetConfig.from_dict({"target_modules": ["q_proj", "foo_proj"]})
+    with pytest.raises(ConfigError, match=r"^lora\.presets\.typo\.target_modules: 'foo_proj' matches no module in "
+                                          r"the blocks lora\.strategies\.later_half selects"):
+        resolve_targets(tiny_model, preset, StrategyConfig.from_dict(STRATEGIES["later_half"]), {"vision", "merger"},
+                        "lora.strategies.later_half", "lora.presets.typo")
+    # heads only: no block is selected, so no kind is used (merger and lm_head take all their linear modules)
+    assert resolve_targets(tiny_model, preset, StrategyConfig.from_dict(STRATEGIES["head_only"]),
+                           {"vision", "merger", "language", "lm_head"}) == ["lm_head"]
+
+
 def test_qwen3_vl_shaped_model_resolves_its_own_module_names():
     config = transformers.Qwen3VLConfig(
         vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
@@ -232,7 +243,7 @@ def test_svd_init_needs_factors_of_the_presets_rank(tiny_model_dir, delta_dir):
 
 
 def test_svd_with_dora_is_refused():
-    with pytest.raises(ConfigError, match=r"^lora\.preset\.use_dora"):
+    with pytest.raises(ConfigError, match=r"^lora\.grid\.inits: svd .* cannot start a preset with use_dora"):
         arm(init="svd", preset={"use_dora": True})
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import transformers
 from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
@@ -41,6 +42,7 @@ def finished_run(tmp_path_factory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("run") / "workflow")
     result = snakemake(workdir, REPORT)
     assert result.returncode == 0, result.stderr[-4000:]
+    (workdir.parent / "console.txt").write_text(result.stdout + result.stderr)
     return workdir
 
 
@@ -263,6 +265,28 @@ def test_the_report_leads_with_findings_and_warns_about_no_reference(finished_ru
     assert warnings and not [line for line in warnings if line.startswith("teacher:")]
 
 
+def test_the_console_shows_snakemakes_progress_and_leaves_job_output_to_the_logs(finished_run):
+    console = (finished_run.parent / "console.txt").read_text()
+    assert "steps (100%) done" in console
+    assert "Warning" not in console and not re.search(r"step/s|it/s|batch/s|epoch/s", console)
+    teacher_log = (finished_run / "results/logs/train_teacher.log").read_text()
+    assert "train: 100%" in teacher_log and "INFO lowrank_core" in teacher_log
+
+
+@pytest.mark.parametrize("key", ["model", "dataset"])
+def test_a_source_that_does_not_exist_fails_before_any_job_instead_of_reporting_old_results(finished_run, tmp_path,
+                                                                                           key):
+    """The finished run's outputs would look up to date: the missing source must stop the workflow first."""
+    before = {path: path.stat().st_mtime_ns for path in (finished_run / "results").rglob("*")}
+    edit = write_yaml(tmp_path / "edit.yaml", f"{key}:\n  source: {tmp_path / 'moved'}\n")
+    result = snakemake(finished_run, REPORT, "--configfile", "config/config.yaml", str(edit))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].endswith(f"{key}.source: {tmp_path / 'moved'} is not a directory "
+                                                   f"({'a local checkpoint' if key == 'model' else 'of annotation files'}"
+                                                   f", or '{'tiny' if key == 'model' else 'synthetic'}')")
+    assert {path: path.stat().st_mtime_ns for path in (finished_run / "results").rglob("*")} == before
+
+
 def test_a_rerun_without_changes_does_nothing(finished_run):
     result = snakemake(finished_run, "-n", REPORT)
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
@@ -313,7 +337,7 @@ def test_bad_config_fails_before_any_job(tmp_path):
     edit = write_yaml(tmp_path / "edit.yaml", "features:\n  batch_size: -1\n")
     result = snakemake(workdir, "--configfile", "config/config.yaml", str(edit))
     assert result.returncode != 0
-    assert "invalid config at features.batch_size: -1 is less than the minimum of 1" in result.stderr
+    assert result.stderr.splitlines()[-1] == "ConfigError: features.batch_size: -1 is less than the minimum of 1"
     assert not (workdir / "results").exists() and not (workdir / "data").exists()
 
 
@@ -335,16 +359,58 @@ def test_bad_dataset_fails_cleanly_without_a_manifest(tmp_path):
     assert not (workdir / "results/dataset/manifest.json").exists()
 
 
-@pytest.mark.parametrize("example", sorted((REPO / "config/examples").glob("*.yaml")), ids=lambda p: p.stem)
-def test_example_configs_validate_and_dry_run(tmp_path, example):
-    """Each example, pointed at stand-in checkpoint and dataset directories, validates and builds its DAG."""
+# Stand-ins for the examples' checkpoints: each real model's config (its module tree, checked when the workflow
+# starts), without weights
+STAND_IN_CONFIGS = {
+    "qwen2_5_vl_7b_forgery": transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2),
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4)),
+    "qwen3_vl_2b_presets": transformers.Qwen3VLConfig(
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                           patch_size=16, deepstack_visual_indexes=[5, 11, 17]),
+        text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128), tie_word_embeddings=True),
+    "qwen2_5_text_svd_init": transformers.Qwen2Config(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        tie_word_embeddings=True),
+}
+
+
+def test_a_malformed_zero_mask_fails_in_the_dataset_job_before_any_other(tmp_path):
+    """The records are checked by the first job: a mask_path that is neither "HxW" nor a file stops the run there."""
+    from PIL import Image
+
     workdir = copy_workflow(tmp_path / "workflow")
-    checkpoint, data = tmp_path / "checkpoint", tmp_path / "data"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text("{}")
+    data = tmp_path / "user_data"
     data.mkdir()
     for split in ("train", "val", "test"):
-        (data / f"{split}.json").write_text("[]")
+        records = []
+        for index in range(8):
+            Image.new("RGB", (64, 64), (index * 30, 0, 0)).save(data / f"{split}{index}.png")
+            records.append({"image_path": f"{split}{index}.png", "label": 0, "mask_path": "64x64"})
+        if split == "val":
+            records[3]["mask_path"] = "64by64"
+        (data / f"{split}.json").write_text(json.dumps(records))
+    edit = write_yaml(tmp_path / "edit.yaml", f"dataset:\n  source: {data}\n")
+    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", str(edit))
+    assert result.returncode == 1
+    assert f"DataError: {data / 'val.json'}: record 3: 'mask_path' '64by64' is neither \"HxW\" nor an existing file" \
+        in result.stderr
+    assert sorted(path.name for path in (workdir / "results/logs").iterdir()) == ["prepare_dataset.log"]
+    assert not (workdir / "results/dataset/manifest.json").exists() and not (workdir / "data").exists()
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "config/examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_validate_and_dry_run(tmp_path, example):
+    """Each example, pointed at a stand-in checkpoint (its model's config) and dataset, validates and builds its DAG."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    checkpoint, data = tmp_path / "checkpoint", tmp_path / "data"
+    STAND_IN_CONFIGS[example.stem].save_pretrained(checkpoint)
+    data.mkdir()
+    for split in ("train", "val", "test"):
+        (data / f"{split}.json").write_text(json.dumps([{}] * 16))  # records are checked by the dataset job
     local = write_yaml(tmp_path / "local.yaml", f"model:\n  source: {checkpoint}\ndataset:\n  source: {data}\n")
     result = snakemake(workdir, "-n", "--configfile", str(example), str(local))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,99 @@
+"""Everything the config decides fails when the workflow starts: one line naming the key, exit code 1, no job run."""
+
+import re
+
+import pytest
+
+from conftest import copy_workflow, snakemake, write_yaml
+
+REPORT = "results/reports/ablation.html"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("preflight") / "workflow")
+
+
+CASES = [
+    # a typo in a preset's module kinds, which would otherwise train on whatever else the strategy selects
+    ("lora:\n  presets:\n    standard: {target_modules: [q_proj, foo_proj]}\n",
+     r"ConfigError: lora\.presets\.standard\.target_modules: 'foo_proj' matches no module in the blocks "
+     r"lora\.strategies\.later_half selects \(their kinds: .*\)"),
+    # layer ranges: reversed, and outside the model
+    ("lora:\n  strategies:\n    later_half: {language: '3-1'}\n",
+     r"ConfigError: lora\.strategies\.later_half\.language: '3-1' is not all, none, a fraction range like 0\.5:1, "
+     r"or an ascending index range like 12-23"),
+    ("lora:\n  strategies:\n    all: {vision: [2, 9]}\n",
+     r"ConfigError: lora\.strategies\.all\.vision: layer 9 is outside this model's 4 blocks \(0-3\)"),
+    # an svd init whose rank ΔW is not exported at
+    ("delta:\n  ranks: [2]\n",
+     r"ConfigError: delta\.ranks: init svd with preset standard needs ΔW factors of rank 4 "
+     r"\(lora\.presets\.standard\.r\), but the largest of delta\.ranks is 2"),
+    ("lora:\n  presets:\n    standard: {use_dora: true}\n",
+     r"ConfigError: lora\.grid\.inits: svd sets W_base \+ ΔW_r through plain LoRA factors; it cannot start a preset "
+     r"with use_dora"),
+    # unknown grid entries, schema ranges, library range checks
+    ("lora:\n  grid:\n    presets: [standard, nope]\n",
+     r"ConfigError: lora\.grid\.presets: unknown preset 'nope' \(known: .*\)"),
+    ("head:\n  dropout: 1.5\n", r"ConfigError: head\.dropout: 1\.5 is greater than or equal to the maximum of 1"),
+    ("model:\n  tiny:\n    text_heads: 3\n",
+     r"ConfigError: model\.tiny\.text_hidden_size: must be divisible by text_heads"),
+    ("teacher:\n  warmup_steps: 500\n", r"ConfigError: teacher\.warmup_steps: must be in \[0, max_steps\]"),
+    ("lora:\n  train:\n    negative_word: tampered\n",
+     r"ConfigError: lora\.train\.negative_word: must differ from positive_word"),
+    ("delta:\n  include: '(unclosed'\n", r"ConfigError: delta\.include: not a valid regular expression"),
+    # what the model's shape decides
+    ("delta:\n  include: 'nothing_here'\n",
+     r"ConfigError: delta\.include: 'nothing_here' matches no linear module of the model"),
+    ("features:\n  image_size: 60\n",
+     r"ConfigError: features\.image_size: 60 is not a multiple of 8, the model's patch size x merge size"),
+    ("lowrank:\n  rank: 65\n",
+     r"ConfigError: lowrank\.rank: 65 exceeds min\(tokens, channels\) = min\(64, 64\) of the features"),
+    ("lowrank:\n  epochs: 10\n",
+     r"ConfigError: lowrank\.allocator_init_warmup: 100 init \+ 300 final warm-up steps leave no budgeting phase in "
+     r"400 steps"),
+    # batches the training split or the data-parallel processes cannot hold
+    ("teacher:\n  batch_size: 400\n", r"ConfigError: teacher\.batch_size: 400 is more than the 320 training records"),
+    ("lora:\n  train_by_objective:\n    head: {batch_size: 321}\n",
+     r"ConfigError: lora\.train_by_objective\.head\.batch_size: 321 is more than the 320 training records"),
+    ("resources:\n  train_lora: {gpu: 3}\n",
+     r"ConfigError: lora\.train\.batch_size: 8 must split evenly over the 3 data-parallel processes"),
+    # a source that is not there
+    ("model:\n  source: /nonexistent/checkpoint\n",
+     r"ConfigError: model\.source: /nonexistent/checkpoint is not a directory"),
+    ("dataset:\n  source: /nonexistent/annotations\n",
+     r"DataError: dataset\.source: /nonexistent/annotations is not a directory"),
+]
+
+
+@pytest.mark.parametrize("edit, message", CASES, ids=[message.split(": ")[1].replace("\\", "") for _, message in CASES])
+def test_a_bad_config_fails_with_one_line_before_any_job(workdir, tmp_path, edit, message):
+    config = write_yaml(tmp_path / "edit.yaml", edit)
+    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", str(config))
+    assert result.returncode == 1
+    assert re.match(message, result.stderr.splitlines()[-1]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "results").exists() and not (workdir / "data").exists()
+
+
+def test_a_checkpoint_without_a_config_names_its_file(workdir, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    config = write_yaml(tmp_path / "edit.yaml", f"model:\n  source: {checkpoint}\n")
+    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (f"CheckpointError: {checkpoint / 'config.json'}: missing (not a "
+                                              "transformers checkpoint directory)")
+    assert not (workdir / "results").exists()
+
+
+def test_a_missing_split_file_names_its_key_and_path(workdir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.json").write_text("[]")
+    config = write_yaml(tmp_path / "edit.yaml", f"dataset:\n  source: {data}\n")
+    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"DataError: dataset.splits.test: {data / 'test.json'} does not exist"
+    assert not (workdir / "results").exists()
