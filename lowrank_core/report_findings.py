@@ -294,7 +294,8 @@ def warnings_section(inputs: dict[str, str], baseline: dict | None = None) -> Re
             else "<p>No warnings.</p>")
     intro = ("<p>Computed checks for comparisons that measure nothing: a reference that did not learn "
              f"(teacher − base &lt; {TEACHER_MARGIN} test {METRIC}), arms at chance (|mean {METRIC} − 0.5| &lt; "
-             f"{CHANCE_MARGIN}) or giving one answer to every test sample, final losses at ≥ "
+             f"{CHANCE_MARGIN}), arms or references below it (an inverted signal) or giving one answer to every test "
+             "sample, final losses at ≥ "
              f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, axes without a difference beyond noise, validation "
              f"losses rising ≥ {VAL_RISE:.0%} above their minimum while the training loss fell, and missing or "
              "non-finite numbers (NaN guard).</p>")
@@ -323,13 +324,18 @@ def teacher_warnings(references: pd.DataFrame) -> list[str]:
 
 
 def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame) -> list[str]:
-    """Arms whose mean test metric is at chance, and arms (their seeds named) or references predicting one class for
-    every sample."""
+    """Arms whose mean test metric is at chance, arms and references below it (an inverted signal), and arms (their
+    seeds named) or references predicting one class for every sample."""
     found = []
     scores = arm_means(runs, (METRIC,))
     for arm, score in scores[f"{METRIC} mean"].items():
         if abs(score - 0.5) < CHANCE_MARGIN:
             found.append(f"{arm}: mean test {METRIC} {score:.3g} is at chance (within {CHANCE_MARGIN} of 0.5).")
+        elif score <= 0.5 - CHANCE_MARGIN:
+            found.append(_inverted(arm, f"mean test {METRIC} {score:.3g}"))
+    if METRIC in references:
+        found += [_inverted(name, f"test {METRIC} {score:.3g}") for name, score in references[METRIC].items()
+                  if score <= 0.5 - CHANCE_MARGIN]
     if "positive_rate" in runs:
         for arm, seeds in _seeds_per_arm(runs[runs["positive_rate"].isin((0, 1))]):
             answers = ", ".join(f"{seed} {'positive' if rate else 'negative'}"
@@ -340,6 +346,11 @@ def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame) -> list[str]:
             if rate in (0, 1):
                 found.append(f"{name}: predicts {'positive' if rate else 'negative'} for every test sample.")
     return found
+
+
+def _inverted(name: str, score: str) -> str:
+    return (f"{name}: {score} is below chance: it ranks tampered samples below real ones, a signal of the wrong sign "
+            "rather than none; a higher score than another's does not mean it learned more.")
 
 
 def label_blind_warnings(runs: pd.DataFrame) -> list[str]:

@@ -1,7 +1,8 @@
 """Vision-token features of every split, cached as safetensors."""
 
 
-rule extract_features:
+rule extract_features:  # short, and soon: the feature users and the frozen-head arms wait for it
+    priority: 5
     input:
         model="results/model/model.json",
         manifest="results/dataset/manifest.json",

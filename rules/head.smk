@@ -1,7 +1,8 @@
 """Detection head pre-trained on the cached vision features: warm classification phase, then joint."""
 
 
-rule pretrain_head:
+rule pretrain_head:  # short, and soon: the frozen-head arms wait for it
+    priority: 5
     input:
         train="results/features/train.safetensors",
         val="results/features/val.safetensors",

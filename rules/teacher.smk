@@ -25,7 +25,8 @@ rule train_teacher:
         "../workflow_scripts/train_teacher.py"
 
 
-rule export_delta:
+rule export_delta:  # short, and soon: the svd arms and the references wait for it
+    priority: 5
     input:
         base=model_checkpoint_input,
         teacher="results/teacher/model",

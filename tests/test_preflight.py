@@ -27,9 +27,9 @@ CASES = [
      r"ConfigError: lora\.strategies\.all\.vision: layer 9 is outside this model's 4 blocks \(0-3\)"),
     # an svd init whose rank ΔW is not exported at
     ("delta:\n  ranks: [2]\n",
-     r"ConfigError: delta\.ranks: init svd with preset standard needs ΔW factors of rank 4 "
-     r"\(lora\.presets\.standard\.r\), but the largest of delta\.ranks is 2"),
-    ("lora:\n  presets:\n    standard: {use_dora: true}\n",
+     r"ConfigError: delta\.ranks: init svd with preset full needs ΔW factors of rank 8 "
+     r"\(lora\.presets\.full\.r\), but the largest of delta\.ranks is 2"),
+    ("lora:\n  presets:\n    full: {use_dora: true}\n",
      r"ConfigError: lora\.grid\.inits: svd sets W_base \+ ΔW_r through plain LoRA factors; it cannot start a preset "
      r"with use_dora"),
     # unknown grid entries, schema ranges, library range checks

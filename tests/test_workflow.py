@@ -28,7 +28,7 @@ SEEDS = (0, 1, 2)
 ARMS, HEAD_ARMS, FROZEN_HEAD_ARMS, HEAD_FROZEN_ARMS = 15, 5, 3, 2
 SVD_ARMS, LIGHT_ARMS, HYBRID_ARMS, LM_ARMS = 2, 1, 2, 10
 ARM_RUNS = ARMS * len(SEEDS)
-STEPS, TEACHER_STEPS = 80, 200  # lora.train.max_steps, teacher.max_steps
+STEPS, TEACHER_STEPS = 80, 300  # lora.train.max_steps, teacher.max_steps
 RANKS = (4, 8, 16, 32)  # delta.ranks: one ΔW_r reference each, next to the base and the teacher
 ALL_ARMS = {"train_lora": ARMS, "evaluate_references": 1, "collect": 1}
 AXES = ["objective", "preset", "init", "strategy", "seed"]
@@ -222,15 +222,17 @@ def test_the_teacher_learns_the_label_through_its_answer(finished_run):
 
 
 def test_every_objectives_baseline_arm_learns_beyond_noise(finished_run):
-    """For each objective, the baseline arm (standard / random / later_half) scores above chance and above the base
-    beyond its seed noise; the lm arm's loss falls below the label-blind bound, the fresh-head arm detects well."""
+    """For each objective, the baseline arm (full / random / later_half) scores above the base beyond its seed noise
+    and by the learned margin on average; the lm arm's loss falls and it gives both answers; the fresh-head arm
+    detects well."""
     table, references = tables(finished_run)
-    baseline = table[(table["preset"] == "standard") & (table["init"] == "random")
+    baseline = table[(table["preset"] == "full") & (table["init"] == "random")
                      & (table["strategy"] == "later_half")]
     scores = baseline.groupby("objective")["roc_auc"]
     assert set(scores.groups) == {"head", "head_frozen", "lm", "hybrid", "hybrid_frozen"}
+    base = references.loc["base", "roc_auc"]
     for objective, values in scores:
-        assert len(values) == len(SEEDS) and beyond_noise(values) > references.loc["base", "roc_auc"], objective
+        assert len(values) == len(SEEDS) and beyond_noise(values) > base and values.mean() >= base + LEARNED, objective
     assert scores.mean()["head"] >= 0.75
     lm = baseline[baseline["objective"] == "lm"]
     assert (lm["final_loss"] < lm["initial_loss"]).all() and (lm["positive_rate"].between(0, 1, "neither")).any()
@@ -241,7 +243,7 @@ def test_svd_init_reaches_the_target_sooner_and_ends_closer_to_the_teacher(finis
     reaches the target loss sooner than the random one (never reaching it counts as never) and ends closer to the
     teacher in ‖ΔW_student − ΔW_teacher‖ / ‖ΔW_teacher‖."""
     table, _ = tables(finished_run)
-    lm = table[(table["objective"] == "lm") & (table["preset"] == "standard") & (table["strategy"] == "later_half")]
+    lm = table[(table["objective"] == "lm") & (table["preset"] == "full") & (table["strategy"] == "later_half")]
     lm = lm.set_index(["init", "seed"])
     for seed in SEEDS:
         svd, random = lm.loc[("svd", seed)], lm.loc[("random", seed)]
@@ -256,13 +258,13 @@ def test_the_task_is_not_trivial(finished_run):
     assert means.max() < 0.99 and means.max() - means.min() > 0.05
 
 
-def test_the_report_leads_with_findings_and_warns_about_no_reference(finished_run):
-    """Findings first, then warnings; on the default, no warning is about the teacher or a reference."""
+def test_the_report_leads_with_findings_and_does_not_call_the_teacher_unlearned(finished_run):
+    """Findings first, then warnings; on the default, none says the teacher did not learn the task."""
     page = (finished_run / REPORT).read_text()
     sections = [page.index(f'<section id="{name}">') for name in ("findings", "warnings", "dataset")]
     assert sections == sorted(sections)
     warnings = re.findall(r"<li>(.*?)</li>", page[sections[1]:sections[2]])
-    assert warnings and not [line for line in warnings if line.startswith("teacher:")]
+    assert warnings and not [line for line in warnings if line.startswith("teacher:") and "did not learn" in line]
 
 
 def test_the_console_shows_snakemakes_progress_and_leaves_job_output_to_the_logs(finished_run):
@@ -341,24 +343,6 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert not (workdir / "results").exists() and not (workdir / "data").exists()
 
 
-def test_bad_dataset_fails_cleanly_without_a_manifest(tmp_path):
-    from PIL import Image
-
-    workdir = copy_workflow(tmp_path / "workflow")
-    data = tmp_path / "user_data"
-    data.mkdir()
-    for split in ("train", "val", "test"):
-        Image.new("RGB", (16, 16)).save(data / f"{split}.png")
-        label = 3 if split == "val" else 0
-        (data / f"{split}.json").write_text(json.dumps([{"image_path": f"{split}.png", "label": label}]))
-    edit = write_yaml(tmp_path / "edit.yaml", f"dataset:\n  source: {data}\n")
-    result = snakemake(workdir, "results/dataset/manifest.json", "--configfile", "config/config.yaml", str(edit))
-    assert result.returncode != 0
-    assert "val.json: record 0: 'label' must be 0 (real) or 1 (tampered), got 3" in result.stderr
-    assert "Traceback" not in (workdir / "results/logs/prepare_dataset.log").read_text()
-    assert not (workdir / "results/dataset/manifest.json").exists()
-
-
 # Stand-ins for the examples' checkpoints: each real model's config (its module tree, checked when the workflow
 # starts), without weights
 STAND_IN_CONFIGS = {
@@ -378,8 +362,16 @@ STAND_IN_CONFIGS = {
 }
 
 
-def test_a_malformed_zero_mask_fails_in_the_dataset_job_before_any_other(tmp_path):
-    """The records are checked by the first job: a mask_path that is neither "HxW" nor a file stops the run there."""
+# 8 images a split: AdaLoRA's allocator warm-ups must fit the low-rank run (30 epochs of one batch)
+SMALL_DATASET = "lowrank:\n  allocator_init_warmup: 5\n  allocator_final_warmup: 5\n"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("label", 3, "'label' must be 0 (real) or 1 (tampered), got 3"),
+    ("mask_path", "64by64", "'mask_path' '64by64' is neither \"HxW\" nor an existing file"),
+])
+def test_a_bad_record_fails_in_the_dataset_job_before_any_other(tmp_path, field, value, message):
+    """The records are checked by the first job: a bad one stops the run there, without a manifest or a traceback."""
     from PIL import Image
 
     workdir = copy_workflow(tmp_path / "workflow")
@@ -389,16 +381,17 @@ def test_a_malformed_zero_mask_fails_in_the_dataset_job_before_any_other(tmp_pat
         records = []
         for index in range(8):
             Image.new("RGB", (64, 64), (index * 30, 0, 0)).save(data / f"{split}{index}.png")
-            records.append({"image_path": f"{split}{index}.png", "label": 0, "mask_path": "64x64"})
+            records.append({"image_path": f"{split}{index}.png", "label": index % 2, "mask_path": "64x64"})
         if split == "val":
-            records[3]["mask_path"] = "64by64"
+            records[3][field] = value
         (data / f"{split}.json").write_text(json.dumps(records))
-    edit = write_yaml(tmp_path / "edit.yaml", f"dataset:\n  source: {data}\n")
+    edit = write_yaml(tmp_path / "edit.yaml", f"dataset:\n  source: {data}\n{SMALL_DATASET}")
     result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", str(edit))
     assert result.returncode == 1
-    assert f"DataError: {data / 'val.json'}: record 3: 'mask_path' '64by64' is neither \"HxW\" nor an existing file" \
-        in result.stderr
+    line = f"DataError: {data / 'val.json'}: record 3: {message}"  # the job's one line, on the terminal too
+    assert [text for text in result.stderr.splitlines() if text.startswith(line)], result.stderr[-2000:]
     assert sorted(path.name for path in (workdir / "results/logs").iterdir()) == ["prepare_dataset.log"]
+    assert "Traceback" not in (workdir / "results/logs/prepare_dataset.log").read_text()
     assert not (workdir / "results/dataset/manifest.json").exists() and not (workdir / "data").exists()
 
 
@@ -410,7 +403,7 @@ def test_example_configs_validate_and_dry_run(tmp_path, example):
     STAND_IN_CONFIGS[example.stem].save_pretrained(checkpoint)
     data.mkdir()
     for split in ("train", "val", "test"):
-        (data / f"{split}.json").write_text(json.dumps([{}] * 16))  # records are checked by the dataset job
+        (data / f"{split}.json").write_text(json.dumps([{}] * 256))  # records are checked by the dataset job
     local = write_yaml(tmp_path / "local.yaml", f"model:\n  source: {checkpoint}\ndataset:\n  source: {data}\n")
     result = snakemake(workdir, "-n", "--configfile", str(example), str(local))
     assert result.returncode == 0, result.stderr[-3000:]
