@@ -25,11 +25,12 @@ from lowrank_core.modeling import ModelConfig, TinyModelSpec, build_tiny_model, 
 RUN = """
 import torch; torch.set_num_threads({threads})
 from lowrank_core.distributed import launch
+from lowrank_core.lora import ArmConfig
 from lowrank_core.teacher import train_teacher
 from lowrank_core.training import TrainConfig
 cfg = TrainConfig.from_dict({{"max_steps": {steps}, "batch_size": {batch}, "lr": 1e-3, "eval_every": {steps},
                              "checkpoint_every": {steps}, "sharding": {sharding!r}}})
-launch(train_teacher, {model!r}, {manifest!r}, cfg, 64, {out!r}, {out!r} + "_state", {out!r} + "_tb",
+launch(train_teacher, {model!r}, {manifest!r}, cfg, ArmConfig(image_size=64), {out!r}, {out!r} + "_state", {out!r} + "_tb",
        processes={processes})
 """
 

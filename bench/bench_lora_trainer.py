@@ -5,7 +5,7 @@
 Builds the tiny Qwen2.5-VL and a synthetic dataset in a temporary directory, then trains one LoRA arm (objective
 `lm`, init random, preset `standard` at r 4 / alpha 8, strategy `later_half`, image size 64) with each runner,
 alternately, `--repeats` times. Both get a freshly built student (model loading is not timed), the same batches
-from `arm_batcher` (the Trainer's collate drops the keys the model does not take), the same batch size, number of
+from the vision-language modality's batcher (the Trainer's collate drops the keys the model does not take), the same batch size, number of
 optimizer steps, AdamW (`adamw_torch`; TrainConfig's weight decay 0.01 and grad-norm clip 1.0), lr 2e-4 with
 TrainConfig's 3 warm-up steps then cosine, fp32 on CPU and torch thread count. With the same seed both see the
 batches in the same order, so their losses should agree closely. Timed: the wall time of `train_loop(...)` /
@@ -28,17 +28,18 @@ from transformers import Trainer, TrainingArguments
 from lowrank_core.data import DatasetConfig, SyntheticSpec, generate_synthetic, prepare_dataset
 from lowrank_core.grid import PRESETS, STRATEGIES
 from lowrank_core.io import read_json
-from lowrank_core.lora import BATCH_EXTRAS, ArmConfig, arm_batcher, build_student, student_loss
-from lowrank_core.modeling import TinyModelSpec, build_tiny_model, load_processor
+from lowrank_core.lora import ArmConfig, build_student, student_loss
+from lowrank_core.modalities.vision_language import BATCH_EXTRAS, MODALITY
+from lowrank_core.modeling import TinyModelSpec, build_tiny_model
 from lowrank_core.training import Batches, train_loop
 
 LR = 2e-4
 
 
-def run_ours(model_path: str, arm: ArmConfig, processor, splits: dict, work: Path) -> tuple[float, float]:
-    """Seconds of `train_loop` and its final training loss."""
-    student, _ = build_student(model_path, arm, processor)
-    collate = arm_batcher(processor, arm)
+def run_ours(model: dict, arm: ArmConfig, splits: dict, work: Path) -> tuple[float, float]:
+    """Seconds of `train_loop` and its final training loss (`model`: the model.json description)."""
+    student, _, processor = build_student(model, arm)
+    collate = MODALITY.batcher(processor, arm)
     cfg = arm.train
     train = Batches(splits["train"]["records"], cfg.batch_size, collate, seed=arm.seed, drop_last=True)
     val = Batches(splits["val"]["records"], cfg.batch_size, collate)
@@ -47,10 +48,10 @@ def run_ours(model_path: str, arm: ArmConfig, processor, splits: dict, work: Pat
     return time.perf_counter() - start, result.history[-1]["loss"]
 
 
-def run_trainer(model_path: str, arm: ArmConfig, processor, splits: dict, work: Path) -> tuple[float, float]:
+def run_trainer(model: dict, arm: ArmConfig, splits: dict, work: Path) -> tuple[float, float]:
     """Seconds of `trainer.train()` on the PEFT model and its final training loss."""
-    student, _ = build_student(model_path, arm, processor)
-    collate = arm_batcher(processor, arm)
+    student, _, processor = build_student(model, arm)
+    collate = MODALITY.batcher(processor, arm)
     cfg = arm.train
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -93,11 +94,11 @@ def main() -> None:
                                                         test=1))
         prepare_dataset(DatasetConfig.from_dict({}), root / "data", root / "manifest.json")
         splits = read_json(root / "manifest.json")["splits"]
-        processor = load_processor(model_path)
+        model = {"path": model_path, "dtype": "float32", "modality": "vision_language"}
         runs = {name: [] for name in RUNNERS}
         for repeat in range(args.repeats):
             for name, runner in RUNNERS.items():
-                runs[name].append(runner(model_path, arm, processor, splits, root / f"{name}_{repeat}"))
+                runs[name].append(runner(model, arm, splits, root / f"{name}_{repeat}"))
     samples = args.steps * args.batch_size
     rows = {}
     for name, results in runs.items():

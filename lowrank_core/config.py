@@ -45,7 +45,18 @@ class Section:
         """Range checks beyond types; raise ConfigError naming `key.field`."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The section as plain data that `from_dict` reads back (nested sections by their own `to_dict`)."""
+        return {field.name: _plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def require(condition: bool, key: str, field: str, message: str) -> None:

@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from .config import Section, require
 from .errors import DataError
 from .io import atomic_path, write_json
+from .modalities.depth.eth3d import Eth3dConfig
+from .modalities.depth.synthetic import SyntheticScenesSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class DatasetConfig(Section):
     splits: dict[str, str] = dataclasses.field(
         default_factory=lambda: {split: f"{split}.json" for split in SPLITS})
     synthetic: SyntheticSpec = SyntheticSpec()
+    eth3d: Eth3dConfig = Eth3dConfig()  # the depth modality's
+    synthetic_scenes: SyntheticScenesSpec = SyntheticScenesSpec()
 
     def check(self, key: str) -> None:
         require(set(self.splits) == set(SPLITS), key, "splits", f"must name exactly {', '.join(SPLITS)}")

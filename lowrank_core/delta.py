@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 import torch
+import transformers
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -141,22 +142,26 @@ class Checkpoint:
 
 
 def _module_renamer(directory: Path):
-    """Checkpoint key -> parameter name, with transformers' conversion mapping for the config's architecture."""
+    """Checkpoint key -> parameter name, with transformers' conversion mapping for the checkpoint's model (built on
+    the meta device from its config: the mapping covers its sub-models, e.g. a depth model's DINOv2 backbone)."""
     config_path = directory / "config.json"
     config = read_json(config_path) if config_path.is_file() else {}
-    names = [*(config.get("architectures") or []), config.get("model_type")]
-    if not any(names):
+    model_class = getattr(transformers, next(iter(config.get("architectures") or []), ""), None)
+    if model_class is None:
         return lambda key: key
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    mapping = next((m for m in map(get_checkpoint_conversion_mapping, filter(None, names)) if m), [])
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    with torch.device("meta"):
+        model = model_class(transformers.AutoConfig.from_pretrained(directory))
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     return lambda key: rename_source_key(key, renamings, [])[0]
 
 
 def matched_modules(base: Checkpoint, teacher: Checkpoint, include: str) -> dict[str, list[int]]:
-    """Name -> weight shape of the linear modules both checkpoints share that `include` selects, in natural order.
+    """Name -> 2-D weight shape [out, in] of the linear and convolution modules (a kernel [out, in, k, k] taken as
+    [out, in·k·k], the shape of PEFT's convolution LoRA product) both checkpoints share that `include` selects, in
+    natural order.
 
     Raises CheckpointError when a selected weight exists in one checkpoint only or with different shapes.
     """
@@ -178,8 +183,8 @@ def matched_modules(base: Checkpoint, teacher: Checkpoint, include: str) -> dict
         if base_shape != teacher_shape:
             raise CheckpointError(f"{base_key}: shape {base_shape} in {base.files[base_key]} but {teacher_shape} "
                                   f"in {teacher.files[teacher_key]}")
-        if len(base_shape) == 2:
-            shapes[name] = base_shape
+        if len(base_shape) in (2, 4):  # a linear layer, or a convolution's [out, in, k, k] as [out, in·k·k]
+            shapes[name] = [base_shape[0], math.prod(base_shape[1:])]
     if not shapes:
         raise ConfigError(f"delta.include: no linear weight of {base.source} matches {include!r}")
     return shapes
@@ -195,7 +200,8 @@ def iter_deltas(base: Checkpoint, teacher: Checkpoint, names: Iterable[str]
                 ) -> Iterator[tuple[str, torch.Tensor, float]]:
     """(module name, ΔW, ‖W_base‖_F) per module, holding one weight pair at a time."""
     for name in names:
-        yield name, *weight_delta(base.tensor(name + ".weight"), teacher.tensor(name + ".weight"))
+        delta, base_norm = weight_delta(base.tensor(name + ".weight"), teacher.tensor(name + ".weight"))
+        yield name, delta.flatten(1), base_norm
 
 
 def top_singular_triplets(matrix: torch.Tensor, k: int, cfg: DeltaConfig
@@ -274,18 +280,22 @@ def analyse_deltas(deltas: Iterable[tuple[str, torch.Tensor, float]], shapes: di
 
 
 def module_group(name: str) -> dict:
-    """`tower` (vision / merger / language / lm_head), `kind` (attention / mlp / other) and `layer` (int or None)."""
+    """`tower` (vision / merger / language / lm_head for a (vision-)language model; a depth model's first name
+    part: backbone / neck / head, aggregator / depth_head / camera_head), `kind` (attention / mlp / other) and
+    `layer` (int or None)."""
     if name.startswith("lm_head") or name.endswith("lm_head"):
         tower = "lm_head"
     elif re.search(r"(?:^|\.)visual\.(?:merger|deepstack_merger)", name):
         tower = "merger"
     elif re.search(r"(?:^|\.)(?:visual|vision\w*)\.", name):
         tower = "vision"
-    else:
+    elif re.match(r"(?:model\.)?(?:language_model\.)?layers\.", name):
         tower = "language"
+    else:
+        tower = name.split(".", 1)[0]
     kind = ("attention" if re.search(r"attn|attention", name)
             else "mlp" if re.search(r"mlp|ffn|feed_forward|experts", name) else "other")
-    layer = re.search(r"\.(?:blocks|layers)\.(\d+)\.", name)
+    layer = re.search(r"\.(?:blocks|layers|layer|frame_blocks|global_blocks)\.(\d+)\.", name)
     return {"tower": tower, "kind": kind, "layer": int(layer.group(1)) if layer else None}
 
 

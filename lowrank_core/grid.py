@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 AXES = ("objective", "preset", "init", "strategy")
 LISTS = {"objective": "objectives", "preset": "presets", "init": "inits", "strategy": "strategies"}  # lora.grid keys
-OBJECTIVES = ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen")
+OBJECTIVES = ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen", "depth")
 INITS = ("random", "gaussian", "svd", "pissa", "olora")
 VISION_OBJECTIVES = ("head", "head_frozen", "hybrid", "hybrid_frozen")
 FROZEN_HEAD_OBJECTIVES = ("head_frozen", "hybrid_frozen")
@@ -29,11 +29,27 @@ PRESETS = {
     "full": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": _ATTENTION + _MLP},
     "aggressive": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _ATTENTION + _MLP},
 }
-# Strategies A / B / C: heads only; the later half of the blocks + heads; every block + heads.
+# Strategies A / B / C: heads only; the later half of the blocks + heads; every block + heads. A strategy gives a
+# selection per part ("tower") of the model: block towers take all / none / a fraction range / an index range / a list
+# of indices, whole towers true / false. The towers are the model family's (see `modalities`).
 STRATEGIES = {
     "head_only": {"vision": "none", "merger": False, "language": "none", "lm_head": True},
     "later_half": {"vision": "0.5:1", "merger": True, "language": "0.5:1", "lm_head": True},
     "all": {"vision": "all", "merger": True, "language": "all", "lm_head": True},
+}
+# A depth model's: transformers' Depth Anything / DPT (backbone blocks, neck, depth head) and VGGT (frame and global
+# attention blocks, depth head, camera head), as in the VGGT-on-ETH3D study.
+DEPTH_STRATEGIES = {
+    "transformers": {
+        "head_only": {"head": True},
+        "later_half": {"backbone": "0.5:1", "neck": True, "head": True},
+        "all": {"backbone": "all", "neck": True, "head": True},
+    },
+    "vggt": {
+        "head_only": {"depth_head": True},
+        "later_half": {"frame": "0.5:1", "global": "0.5:1", "depth_head": True},
+        "all": {"frame": "all", "global": "all", "depth_head": True, "camera_head": True},
+    },
 }
 
 
@@ -43,15 +59,16 @@ def named_entries(builtin: dict, overrides: dict | None) -> dict:
     return {name: {**builtin.get(name, {}), **overrides.get(name, {})} for name in {**builtin, **overrides}}
 
 
-def grid_arms(lora: dict) -> list[dict]:
-    """The arms of `lora.grid` (dicts of the four axes plus `seed`), each once, in config order.
+def grid_arms(lora: dict, objectives: tuple[str, ...] = OBJECTIVES, strategies: dict = STRATEGIES) -> list[dict]:
+    """The arms of `lora.grid` (dicts of the four axes plus `seed`), each once, in config order; `objectives` and the
+    built-in `strategies` are those of the model's modality.
 
     Raises ConfigError naming the key when an axis value is unknown.
     """
     grid = lora.get("grid", {})
-    known = {"objective": OBJECTIVES, "init": INITS,
+    known = {"objective": objectives, "init": INITS,
              "preset": named_entries(PRESETS, lora.get("presets")),
-             "strategy": named_entries(STRATEGIES, lora.get("strategies"))}
+             "strategy": named_entries(strategies, lora.get("strategies"))}
     lists = {axis: list(grid.get(LISTS[axis], [])) for axis in AXES}
     for axis, values in lists.items():
         if not values:

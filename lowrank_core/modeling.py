@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from .config import Section, require
 from .errors import CheckpointError
 from .io import atomic_path
+from .modalities.depth.models import TinyDepthSpec
 from .pretrain import pretrain_tiny
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,24 @@ class ModelConfig(Section):
 
     key = "model"
     source: str = "tiny"
-    modality: Literal["vision_language", "text"] = "vision_language"
+    modality: Literal["vision_language", "text", "depth"] = "vision_language"
+    backend: Literal["transformers", "vggt"] = "transformers"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     tiny: TinyModelSpec = TinyModelSpec()
+    tiny_depth: TinyDepthSpec = TinyDepthSpec()  # the depth modality's
 
     def check(self, key: str) -> None:
+        from .modalities import INFO
+
+        info = INFO[self.modality]
         require(self.source == "tiny" or self.source.strip() != "", key, "source", "must be 'tiny' or a directory")
-        require(self.source != "tiny" or self.modality == "vision_language", key, "modality",
-                "the tiny model is a vision-language model")
+        require(self.source != "tiny" or info.tiny is not None, key, "source",
+                f"there is no tiny {self.modality} model: point model.source at a local checkpoint")
+        require(self.backend in info.strategies, key, "backend",
+                f"model.modality {self.modality} models load with {' or '.join(info.strategies)}")
+        require(self.source != "tiny" or self.backend == "transformers", key, "source",
+                "the tiny model is a transformers model; a vggt backend needs a local checkpoint")
 
 
 def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
@@ -224,8 +234,11 @@ def read_model_config(path: str | Path) -> dict:
 def describe_checkpoint(path: str | Path, modality: str) -> dict:
     """Check a local checkpoint directory and summarise it (architecture, sizes, weight files).
 
-    Only safetensors weights are accepted (no pickle); a vision-language config must have a `vision_config`.
+    Only safetensors weights are accepted (no pickle); the config must be a model of `modality` (a vision-language
+    one has a `vision_config`, a text one has none, ...).
     """
+    from .modalities import get_modality
+
     path = Path(path).resolve()
     config = read_model_config(path)
     weights = sorted(p.name for p in path.glob("*.safetensors"))
@@ -236,11 +249,7 @@ def describe_checkpoint(path: str | Path, modality: str) -> dict:
         missing = sorted(set(json.loads(index.read_text())["weight_map"].values()) - set(weights))
         if missing:
             raise CheckpointError(f"{index}: names shard {missing[0]}, which is missing")
-    is_vision = "vision_config" in config
-    if modality == "vision_language" and not is_vision:
-        raise CheckpointError(f"{path / 'config.json'}: no vision_config, but model.modality is vision_language")
-    if modality == "text" and is_vision:
-        raise CheckpointError(f"{path / 'config.json'}: has a vision_config, but model.modality is text")
+    get_modality(modality).check_checkpoint(config, path / "config.json")
     text_config = config.get("text_config", config)
     return {
         "path": str(path),
@@ -293,8 +302,8 @@ def prepare_model(cfg: ModelConfig, tiny_dir: str | Path | None, out_json: str |
     from .io import write_json
 
     path = tiny_dir if cfg.source == "tiny" else cfg.source
-    info = {**describe_checkpoint(path, cfg.modality), "source": cfg.source, "dtype": cfg.dtype,
-            "trust_remote_code": cfg.trust_remote_code}
+    info = {**describe_checkpoint(path, cfg.modality), "source": cfg.source, "backend": cfg.backend,
+            "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
     write_json(out_json, info)
     log.info("base model %s (%s)", info["path"], info["model_type"])
     return info

@@ -15,14 +15,16 @@ from pathlib import Path
 
 from torch import nn
 
-from .data import DatasetConfig, check_source, read_records
+from .data import DatasetConfig
 from .delta import DeltaConfig
 from .errors import ConfigError
 from .features import FeatureConfig
 from .head import HeadConfig
-from .lora import ArmConfig, PresetConfig, StrategyConfig, arm_targets
+from .lora import ArmConfig, PresetConfig, arm_targets
 from .lowrank import LowrankConfig, allocator_steps, check_allocator_budget
-from .modeling import ModelConfig, model_skeleton
+from .modalities import get_modality
+from .modeling import ModelConfig
+from .targets import StrategyConfig
 from .training import TrainConfig
 
 
@@ -38,16 +40,16 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
     lowrank = LowrankConfig.from_dict(config["lowrank"])
     delta = DeltaConfig.from_dict(config["delta"])
     teacher = TrainConfig.from_dict(config["teacher"])
+    modality = get_modality(model.modality)
     _check_model_source(model)
-    check_source(dataset, model.modality)
-    train_records = _train_records(dataset)
+    modality.check_source(dataset)
+    train_records = modality.train_records(dataset)
     gpus = {rule: config["resources"].get(rule, {}).get("gpu", config["resources"]["default"]["gpu"])
             for rule in ("train_teacher", "train_lora")}
     _check_batch(teacher.batch_size, "teacher.batch_size", train_records, gpus["train_teacher"])
 
-    skeleton = model_skeleton(model)
-    is_vision = model.modality == "vision_language"
-    if is_vision:
+    skeleton = modality.skeleton(model)
+    if modality.info.vision_features:
         _check_vision_sizes(skeleton.config, features, lowrank)
         if "AdaLoRA" in lowrank.archs:
             check_allocator_budget(lowrank, allocator_steps(lowrank, train_records))
@@ -63,18 +65,12 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
         if arm.init == "svd" and arm.preset.r > max(delta.ranks):
             raise ConfigError(f"delta.ranks: init svd with preset {entry['preset']} needs ΔW factors of rank "
                               f"{arm.preset.r} ({preset_key}.r), but the largest of delta.ranks is {max(delta.ranks)}")
-        arm_targets(skeleton, arm, is_vision, strategy_key, preset_key)
+        arm_targets(skeleton, arm, modality, model.backend, strategy_key, preset_key)
 
 
 def _check_model_source(model: ModelConfig) -> None:
     if model.source != "tiny" and not Path(model.source).is_dir():
         raise ConfigError(f"model.source: {model.source} is not a directory (a local checkpoint, or 'tiny')")
-
-
-def _train_records(dataset: DatasetConfig) -> int:
-    if dataset.source == "synthetic":
-        return dataset.synthetic.train
-    return len(read_records(Path(dataset.source) / dataset.splits["train"]))
 
 
 def _check_batch(batch_size: int, key: str, train_records: int, gpus: int) -> None:
@@ -101,5 +97,6 @@ def _check_vision_sizes(config, features: FeatureConfig, lowrank: LowrankConfig)
 
 def _check_delta_include(skeleton: nn.Module, delta: DeltaConfig) -> None:
     include = re.compile(delta.include)
-    if not any(isinstance(module, nn.Linear) and include.search(name) for name, module in skeleton.named_modules()):
+    if not any(isinstance(module, (nn.Linear, nn.Conv2d)) and include.search(name)
+               for name, module in skeleton.named_modules()):
         raise ConfigError(f"delta.include: {delta.include!r} matches no linear module of the model")

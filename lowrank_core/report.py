@@ -191,19 +191,22 @@ pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 
 
 def write_report(out_html: str | Path, inputs: dict[str, str], config_hash: str, source_dir: str | Path,
-                 baseline: dict | None = None) -> None:
+                 baseline: dict | None = None, modality: str = "vision_language") -> None:
     """Render the report from the named stage outputs present in `inputs`: the findings and warnings, then the
     evidence sections, each only when its inputs are present (see `report_sections.stage_sections` for the names
-    after the features). `baseline` is the grid's baseline arm (objective, preset, init, strategy), inferred from the
-    grid's table when None (`stats.infer_baseline`)."""
+    after the features), then the modality's own sections. `baseline` is the grid's baseline arm (objective,
+    preset, init, strategy), inferred from the grid's table when None (`stats.infer_baseline`); arms are judged by
+    the modality's score."""
     from .io import read_json
+    from .modalities import INFO, get_modality
     from .report_findings import findings_section, warnings_section  # imported here: they build on this module
     from .report_sections import stage_sections
 
-    sections = [findings_section(inputs, baseline), warnings_section(inputs, baseline),
-                dataset_section(read_json(inputs["manifest"]))]
+    score, kind = INFO[modality].score, get_modality(modality)
+    sections = [findings_section(inputs, baseline, score), warnings_section(inputs, baseline, score),
+                kind.dataset_section(read_json(inputs["manifest"]))]
     stats = {split: read_json(inputs[f"stats_{split}"]) for split in SPLITS if f"stats_{split}" in inputs}
     if stats:
         sections.append(features_section(stats))
-    sections += stage_sections(inputs, baseline)
+    sections += stage_sections(inputs, baseline, score) + kind.result_sections(inputs)
     render_report(out_html, provenance(config_hash, source_dir), sections)

@@ -18,22 +18,23 @@ import pandas as pd
 
 from .grid import AXES
 from .io import read_json
+from .modalities import CLASSIFICATION, Score
 from .report import ReportSection
 from .report_lora import LORA_INPUTS, SMOOTHING, arm_means, format_interval, read_grid_table
 from .stats import (BETTER, CONFIDENCE, UNDETERMINED, WITHIN_NOISE, WORSE, arm_label, axis_comparisons,
                     infer_baseline, init_comparisons, mean_interval)
 
-METRIC = "roc_auc"  # the test score the findings and warnings judge arms by
 LOW_RANK_ENERGY = 0.9  # ΔW is low-rank when a rank a flat spectrum would give at most FLAT_SHARE holds this energy
 FLAT_SHARE = 0.25
 TEACHER_MARGIN = 0.05  # the teacher must beat the base's test score by this much to have learned the task
-CHANCE_MARGIN = 0.05  # an arm whose mean test score is this close to 0.5 is at chance
+CHANCE_MARGIN = 0.05  # an arm whose mean test score is this close to chance is at chance
 LABEL_BLIND_FRACTION = 0.9  # a final loss at this fraction of the label-blind loss or above learned no label
 FORMAT_UNLEARNED = 1.5  # ... and above this multiple of it not even the answer format
 VAL_RISE = 0.05  # the last validation loss this far (relative) above its minimum, while the training loss fell
 COSTS = (("trainable_parameters", "trainable parameters"), ("train_seconds", "train time"),
          ("peak_memory_mb", "peak memory"))
-EVAL_METRICS = ("accuracy", "f1", "roc_auc", "average_precision", "lm_loss", "perplexity", "positive_rate")
+EVAL_METRICS = ("accuracy", "f1", "roc_auc", "average_precision", "lm_loss", "perplexity", "positive_rate", "abs_rel",
+                "rmse", "delta1", "test_loss")
 MAY_BE_MISSING = ("steps_to_target", "label_blind_loss")  # missing by design: target never reached, bound unknown
 
 
@@ -53,21 +54,28 @@ class Grid:
     references: pd.DataFrame  # indexed by model
     history: pd.DataFrame
     baseline: dict
+    score: Score = CLASSIFICATION  # the test metric arms are judged by (the modality's)
 
     @classmethod
-    def read(cls, inputs: dict[str, str], baseline: dict | None) -> Grid | None:
+    def read(cls, inputs: dict[str, str], baseline: dict | None, score: Score = CLASSIFICATION) -> Grid | None:
         """The grid of the report's `inputs` (None without its tables); the baseline inferred when None."""
         if not all(name in inputs for name in LORA_INPUTS):
             return None
         runs = read_grid_table(inputs["lora_table"])
         return cls(runs, pd.read_csv(inputs["lora_references"]).set_index("model"),
-                   read_grid_table(inputs["lora_history"]), baseline or infer_baseline(runs))
+                   read_grid_table(inputs["lora_history"]), baseline or infer_baseline(runs), score)
 
 
-def findings_section(inputs: dict[str, str], baseline: dict | None = None) -> ReportSection:
+def gain(score: Score, value: float, reference: float) -> float:
+    """How much better `value` scores than `reference` (positive: better), whichever direction the score runs."""
+    return value - reference if score.higher_is_better else reference - value
+
+
+def findings_section(inputs: dict[str, str], baseline: dict | None = None,
+                     score: Score = CLASSIFICATION) -> ReportSection:
     """`<section id="findings">`: the five questions of the study answered from the report's `inputs` (the names of
-    `write_report`); `baseline` is the grid's baseline arm, inferred when None."""
-    grid = Grid.read(inputs, baseline)
+    `write_report`); `baseline` is the grid's baseline arm, inferred when None; arms are judged by `score`."""
+    grid = Grid.read(inputs, baseline, score)
     delta = Path(inputs["delta"]) / "svd_analysis.json" if "delta" in inputs else None
     table = (inputs["lora_table"],) if grid else ()
     comparisons = {key.removeprefix("lowrank_comparison_"): path for key, path in inputs.items()
@@ -177,27 +185,30 @@ def _init_phrase(row: pd.Series, doing: str, better: str, worse: str, measure: s
 
 def axes_finding(grid: Grid | None) -> Finding:
     """Which preset, strategy and objective score best on the test metric, and at what cost, against the baseline?"""
-    question = f"Which preset, strategy and objective score best (test {METRIC}), at what cost?"
-    if grid is None or grid.runs[METRIC].isna().all():
-        return Finding(question, f"Cannot be answered: no LoRA runs with a test {METRIC}.", "")
+    metric = grid.score.column if grid else CLASSIFICATION.column
+    question = f"Which preset, strategy and objective score best (test {metric}), at what cost?"
+    if grid is None or metric not in grid.runs or grid.runs[metric].isna().all():
+        return Finding(question, f"Cannot be answered: no LoRA runs with a test {metric}.", "")
     means = arm_means(grid.runs, tuple(cost for cost, _ in COSTS if cost in grid.runs))
     clauses, seeds = [], set()
     for axis in ("preset", "strategy", "objective"):
-        compared = axis_comparisons(grid.runs, grid.baseline, METRIC, True, axes=(axis,))
+        compared = axis_comparisons(grid.runs, grid.baseline, metric, grid.score.higher_is_better, axes=(axis,))
         seeds |= set(compared["n"])
-        clauses.append(_axis_clause(axis, grid.baseline[axis], compared, means, arm_label(grid.baseline)))
+        clauses.append(_axis_clause(axis, grid.baseline[axis], compared, means, arm_label(grid.baseline),
+                                    grid.score))
     confidence = (f"{CONFIDENCE:.0%} paired t-intervals of value − baseline over {_counts(seeds)} seed(s); a winner "
                   "is claimed only when its interval excludes 0" if seeds else "")
     return Finding(question, "; ".join(clauses) + ".", confidence, "effects")
 
 
-def _axis_clause(axis: str, reference: str, compared: pd.DataFrame, means: pd.DataFrame, baseline: str) -> str:
+def _axis_clause(axis: str, reference: str, compared: pd.DataFrame, means: pd.DataFrame, baseline: str,
+                 score: Score = CLASSIFICATION) -> str:
     """One axis's part of `axes_finding`."""
     if compared.empty:
         return f"{axis}: only {reference} in the grid"
     better, worse = compared[compared["verdict"] == BETTER], compared[compared["verdict"] == WORSE]
     if not better.empty:
-        best = better.loc[better["mean"].idxmax()]
+        best = better.loc[(better["mean"] if score.higher_is_better else -better["mean"]).idxmax()]
         ratios = [f"{means.at[best['arm'], f'{cost} mean'] / means.at[baseline, f'{cost} mean']:.2g}× the {label}"
                   for cost, label in COSTS if f"{cost} mean" in means and means.at[baseline, f"{cost} mean"] > 0
                   and pd.notna(means.at[best["arm"], f"{cost} mean"])]
@@ -205,9 +216,9 @@ def _axis_clause(axis: str, reference: str, compared: pd.DataFrame, means: pd.Da
                 f"{reference}, Δ {format_interval(best['mean'], best['ci_low'], best['ci_high'])})"
                 + (f" at {', '.join(ratios)} of {reference}" if ratios else ""))
     if len(worse) == len(compared):
-        return f"{axis}: the baseline {reference} scores best, every other value lower beyond noise"
-    lower = f" ({', '.join(worse['value'])} lower beyond noise)" if not worse.empty else ""
-    return f"{axis}: no value scores above the baseline {reference} beyond noise{lower}"
+        return f"{axis}: the baseline {reference} scores best, every other value worse beyond noise"
+    lower = f" ({', '.join(worse['value'])} worse beyond noise)" if not worse.empty else ""
+    return f"{axis}: no value scores better than the baseline {reference} beyond noise{lower}"
 
 
 def fine_tune_finding(grid: Grid | None) -> Finding:
@@ -215,15 +226,16 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
     the teacher's rank-r ΔW references hold?"""
     question = "How far is the best LoRA arm from the full fine-tune, and how much of its gain does ΔW_r hold?"
     references = grid.references if grid else None
-    if grid is None or "teacher" not in references.index or pd.isna(references.get(METRIC, {}).get("teacher")):
-        return Finding(question, f"Cannot be answered: no teacher test {METRIC} among the references.", "")
-    teacher = references.at["teacher", METRIC]
-    scores = arm_means(grid.runs, (METRIC,))[f"{METRIC} mean"].dropna()
+    metric = grid.score.column if grid else CLASSIFICATION.column
+    if grid is None or "teacher" not in references.index or pd.isna(references.get(metric, {}).get("teacher")):
+        return Finding(question, f"Cannot be answered: no teacher test {metric} among the references.", "")
+    teacher = references.at["teacher", metric]
+    scores = arm_means(grid.runs, (metric,))[f"{metric} mean"].dropna()
     if scores.empty:
-        return Finding(question, f"Cannot be answered: no LoRA run has a test {METRIC}.", "", "lora-comparison")
-    best = scores.idxmax()
+        return Finding(question, f"Cannot be answered: no LoRA run has a test {metric}.", "", "lora-comparison")
+    best = scores.idxmax() if grid.score.higher_is_better else scores.idxmin()
     runs = grid.runs[[arm_label(arm) == best for arm in grid.runs[list(AXES)].to_dict("records")]]
-    score = mean_interval(runs[METRIC])
+    score = mean_interval(runs[metric])
     gap = {key: teacher - score[other] for key, other in (("mean", "mean"), ("ci_low", "ci_high"),
                                                           ("ci_high", "ci_low"))}
     if gap["ci_low"] <= 0 <= gap["ci_high"]:
@@ -231,27 +243,28 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
     else:
         distance = f"is {format_interval(gap['mean'], gap['ci_low'], gap['ci_high'])} from it (teacher − arm)"
     reached = format_interval(score["mean"], score["ci_low"], score["ci_high"], ".3g")
-    answer = (f"The best LoRA arm {best} reaches test {METRIC} {reached} against the full fine-tune's {teacher:.3g} "
-              f"and {distance}; " + _rank_shares(references, teacher))
+    answer = (f"The best LoRA arm {best} reaches test {metric} {reached} against the full fine-tune's {teacher:.3g} "
+              f"and {distance}; " + _rank_shares(references, teacher, grid.score))
     spread = (f"the arm's {CONFIDENCE:.0%} t-interval over {score['n']} seeds" if score["n"] > 1
               else "one seed, no interval")
     return Finding(question, answer + ".", f"{spread}; the teacher, base and ΔW_r references are single evaluations",
                    "lora-comparison")
 
 
-def _rank_shares(references: pd.DataFrame, teacher: float) -> str:
+def _rank_shares(references: pd.DataFrame, teacher: float, score: Score = CLASSIFICATION) -> str:
     """The share of the teacher's gain over the base each `teacher_r{r}` reference holds, as a clause."""
     ranked = references[references.index.str.startswith("teacher_r")]
+    metric = score.column
     if ranked.empty:
         return "there are no ΔW_r references"
-    if "base" not in references.index or pd.isna(references.at["base", METRIC]):
+    if "base" not in references.index or pd.isna(references.at["base", metric]):
         return "without a base score the ΔW_r references' share of the gain is unknown"
-    base = references.at["base", METRIC]
-    if teacher - base < TEACHER_MARGIN:
+    base = references.at["base", metric]
+    if gain(score, teacher, base) < TEACHER_MARGIN:
         return (f"the fine-tune gains only {teacher - base:+.3g} over the base ({base:.3g}), too little to share "
                 "out among the ΔW_r references")
     order = ranked["rank"] if "rank" in ranked else ranked.index.str.removeprefix("teacher_r").astype(int)
-    shares = [f"{(row[METRIC] - base) / (teacher - base):.0%} at r={int(rank)}"
+    shares = [f"{(row[metric] - base) / (teacher - base):.0%} at r={int(rank)}"
               for rank, (_, row) in sorted(zip(order, ranked.iterrows()), key=lambda item: item[0])]
     return f"the ΔW_r references hold {', '.join(shares)} of its gain over the base ({base:.3g} → {teacher:.3g})"
 
@@ -260,8 +273,8 @@ def lowrank_finding(comparisons: dict[str, dict]) -> Finding:
     """How close do the low-rank nets get to the per-sample truncated SVD? From each arch's `comparison.json`."""
     question = "How close do the low-rank nets get to the per-sample SVD?"
     if not comparisons:
-        return Finding(question, "Cannot be answered: no low-rank nets were trained (a text-only model, or no "
-                       "lowrank archs).", "")
+        return Finding(question, "Cannot be answered: no low-rank nets were trained (they decompose a "
+                       "vision-language model's features: not part of a text or depth study; or no lowrank archs).", "")
     ranked = sorted(comparisons.items(), key=lambda item: item[1]["ratio"]["mse"] or math.inf)
     parts = [f"{arch} reaches {c['ratio']['mse']:.3g}× the SVD's MSE at rank {c['effective_rank']} (energy "
              f"{c['network']['energy_captured']:.3g} vs {c['svd']['energy_captured']:.3g}) in "
@@ -283,19 +296,22 @@ def _counts(values) -> str:
     return str(values[0]) if values[0] == values[-1] else f"{values[0]}–{values[-1]}"
 
 
-def warnings_section(inputs: dict[str, str], baseline: dict | None = None) -> ReportSection:
+def warnings_section(inputs: dict[str, str], baseline: dict | None = None,
+                     score: Score = CLASSIFICATION) -> ReportSection:
     """`<section id="warnings">`: every computed warning (see `grid_warnings`), or "No warnings"."""
-    grid = Grid.read(inputs, baseline)
+    grid = Grid.read(inputs, baseline, score)
     teacher_history = Path(inputs["teacher"]) / "history.csv" if "teacher" in inputs else None
     teacher = pd.read_csv(teacher_history) if teacher_history and teacher_history.exists() else None
     found = grid_warnings(grid, teacher) if grid else history_warnings({"teacher": teacher} if teacher is not None
                                                                        else {})
     body = ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in found) + "</ul>" if found
             else "<p>No warnings.</p>")
+    chance = (f"arms at chance (|mean {score.column} − {score.chance}| &lt; {CHANCE_MARGIN}), arms or references "
+              "below it (an inverted signal) or giving one answer to every test sample, "
+              if score.chance is not None else "")
     intro = ("<p>Computed checks for comparisons that measure nothing: a reference that did not learn "
-             f"(teacher − base &lt; {TEACHER_MARGIN} test {METRIC}), arms at chance (|mean {METRIC} − 0.5| &lt; "
-             f"{CHANCE_MARGIN}), arms or references below it (an inverted signal) or giving one answer to every test "
-             "sample, final losses at ≥ "
+             f"(the teacher not {TEACHER_MARGIN} better than the base on test {score.column}), {chance}final losses "
+             "at ≥ "
              f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, axes without a difference beyond noise, validation "
              f"losses rising ≥ {VAL_RISE:.0%} above their minimum while the training loss fell, and missing or "
              "non-finite numbers (NaN guard).</p>")
@@ -307,35 +323,37 @@ def grid_warnings(grid: Grid, teacher_history: pd.DataFrame | None = None) -> li
     histories = {name: run for name, run in grid.history.groupby("arm", sort=False)}
     if teacher_history is not None:
         histories["teacher"] = teacher_history
-    return (teacher_warnings(grid.references) + chance_warnings(grid.runs, grid.references)
-            + label_blind_warnings(grid.runs) + noise_warnings(grid.runs, grid.baseline)
+    return (teacher_warnings(grid.references, grid.score) + chance_warnings(grid.runs, grid.references, grid.score)
+            + label_blind_warnings(grid.runs) + noise_warnings(grid.runs, grid.baseline, grid.score)
             + nan_warnings(grid.runs, grid.references) + history_warnings(histories))
 
 
-def teacher_warnings(references: pd.DataFrame) -> list[str]:
+def teacher_warnings(references: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
     """The teacher not `TEACHER_MARGIN` better than the base on the test metric."""
-    if not {"teacher", "base"} <= set(references.index) or METRIC not in references:
+    metric = score.column
+    if not {"teacher", "base"} <= set(references.index) or metric not in references:
         return []
-    teacher, base = references.at["teacher", METRIC], references.at["base", METRIC]
-    if pd.isna(teacher) or pd.isna(base) or teacher - base >= TEACHER_MARGIN:
+    teacher, base = references.at["teacher", metric], references.at["base", metric]
+    if pd.isna(teacher) or pd.isna(base) or gain(score, teacher, base) >= TEACHER_MARGIN:
         return []
-    return [f"teacher: test {METRIC} {teacher:.3g} is not {TEACHER_MARGIN} above the base's {base:.3g}; the full "
-            "fine-tune did not learn the task, so comparisons with it measure nothing."]
+    return [f"teacher: test {metric} {teacher:.3g} is not {TEACHER_MARGIN} better than the base's {base:.3g}; the "
+            "full fine-tune did not learn the task, so comparisons with it measure nothing."]
 
 
-def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame) -> list[str]:
+def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
     """Arms whose mean test metric is at chance, arms and references below it (an inverted signal), and arms (their
-    seeds named) or references predicting one class for every sample."""
-    found = []
-    scores = arm_means(runs, (METRIC,))
-    for arm, score in scores[f"{METRIC} mean"].items():
-        if abs(score - 0.5) < CHANCE_MARGIN:
-            found.append(f"{arm}: mean test {METRIC} {score:.3g} is at chance (within {CHANCE_MARGIN} of 0.5).")
-        elif score <= 0.5 - CHANCE_MARGIN:
-            found.append(_inverted(arm, f"mean test {METRIC} {score:.3g}"))
-    if METRIC in references:
-        found += [_inverted(name, f"test {METRIC} {score:.3g}") for name, score in references[METRIC].items()
-                  if score <= 0.5 - CHANCE_MARGIN]
+    seeds named) or references predicting one class for every sample; none for a score without a chance level."""
+    found, metric, chance = [], score.column, score.chance
+    if chance is None or metric not in runs:
+        return found
+    for arm, value in arm_means(runs, (metric,))[f"{metric} mean"].items():
+        if abs(value - chance) < CHANCE_MARGIN:
+            found.append(f"{arm}: mean test {metric} {value:.3g} is at chance (within {CHANCE_MARGIN} of {chance}).")
+        elif value <= chance - CHANCE_MARGIN:
+            found.append(_inverted(arm, f"mean test {metric} {value:.3g}"))
+    if metric in references:
+        found += [_inverted(name, f"test {metric} {value:.3g}") for name, value in references[metric].items()
+                  if value <= chance - CHANCE_MARGIN]
     if "positive_rate" in runs:
         for arm, seeds in _seeds_per_arm(runs[runs["positive_rate"].isin((0, 1))]):
             answers = ", ".join(f"{seed} {'positive' if rate else 'negative'}"
@@ -371,14 +389,14 @@ def label_blind_warnings(runs: pd.DataFrame) -> list[str]:
     return found
 
 
-def noise_warnings(runs: pd.DataFrame, baseline: dict) -> list[str]:
+def noise_warnings(runs: pd.DataFrame, baseline: dict, score: Score = CLASSIFICATION) -> list[str]:
     """Axes none of whose values differs from the baseline beyond noise on the test metric."""
-    found = []
+    found, metric = [], score.column
     for axis in AXES:
-        compared = axis_comparisons(runs, baseline, METRIC, True, axes=(axis,))
+        compared = axis_comparisons(runs, baseline, metric, score.higher_is_better, axes=(axis,))
         if not compared.empty and compared["verdict"].isin((WITHIN_NOISE, UNDETERMINED)).all():
             values = ", ".join(f"{value} ({verdict})" for value, verdict in zip(compared["value"], compared["verdict"]))
-            found.append(f"{axis}: no value differs from the baseline {baseline[axis]} beyond noise on test {METRIC} "
+            found.append(f"{axis}: no value differs from the baseline {baseline[axis]} beyond noise on test {metric} "
                          f"({values}); this axis measured nothing at {_counts(compared['n'])} seed(s).")
     return found
 

@@ -18,18 +18,20 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .grid import AXES
+from .modalities import CLASSIFICATION, Score
 from .report import ReportSection, figure_html, table
 from .stats import CONFIDENCE, arm_label, axis_comparisons, infer_baseline
 
 LORA_INPUTS = ("lora_table", "lora_references", "lora_history")  # the section's required inputs, in argument order
 AXIS_ORDER = {"objective": ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen"),
               "init": ("random", "gaussian", "svd", "pissa", "olora")}  # the other axes keep their order in the grid
-METRICS = ("roc_auc", "accuracy", "f1", "pixel_iou", "lm_loss", "delta_distance", "steps_to_target", "final_loss",
-           "label_blind_loss", "positive_rate")
+METRICS = ("roc_auc", "accuracy", "f1", "pixel_iou", "lm_loss", "abs_rel", "delta1", "rmse", "mae", "laser_abs_rel",
+           "laser_delta1", "test_loss", "delta_distance", "steps_to_target", "final_loss", "label_blind_loss",
+           "positive_rate")
 COST = ("trainable_parameters", "trainable_percent", "adapter_bytes", "peak_memory_mb", "samples_per_s",
         "train_seconds")
 SETTINGS = ("lr", "max_steps")
-EFFECT_METRICS = (("roc_auc", True), ("final_loss", False), ("delta_distance", False), ("samples_per_s", True))
+EFFECT_METRICS = (("final_loss", False), ("delta_distance", False), ("samples_per_s", True))  # after the score
 EFFECT_KEYS = ("Δ", "ci_low", "ci_high", "verdict")
 PARETO_COSTS = (("trainable_parameters", "trainable parameters"), ("peak_memory_mb", "peak memory (MB)"),
                 ("train_seconds", "train time (s)"))
@@ -76,9 +78,10 @@ def read_grid_table(path: str | Path) -> pd.DataFrame:
 
 
 def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_csv: str | Path,
-                 module_distance_csv: str | Path | None = None, baseline: dict | None = None) -> ReportSection:
+                 module_distance_csv: str | Path | None = None, baseline: dict | None = None,
+                 score: Score = CLASSIFICATION) -> ReportSection:
     """The sortable table of every arm × seed, full fine-tune vs LoRA, the effect of each axis against the
-    `baseline` arm (inferred when None, see `stats.infer_baseline`), the Pareto figure of score against cost, ΔW
+    `baseline` arm (inferred when None, see `stats.infer_baseline`), the Pareto figure of `score` against cost, ΔW
     distance per module group (with `module_distance_csv`) and the loss curves by init."""
     runs = read_grid_table(ablation_csv)
     references = pd.read_csv(references_csv).set_index("model")
@@ -92,7 +95,7 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
              "<em>positive_rate</em> the share of test samples predicted positive. Click a column header to sort.</p>")
     shown = [column for column in (*AXES, "seed", "source", *METRICS, *COST, *SETTINGS) if column in runs]
     experiments = _sortable(runs[shown], COUNTS)
-    comparison = _sortable(_comparison(runs, references), ("trainable parameters", "storage bytes"))
+    comparison = _sortable(_comparison(runs, references, score), ("trainable parameters", "storage bytes"))
     comparison_intro = (
         "<p>The teacher (every parameter fine-tuned) and the LoRA arms are trained and measured by the same pipeline "
         "on the same machine; per objective, the mean over its arms and seeds. <em>teacher_r</em> rows are the base "
@@ -113,15 +116,16 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
     body = (intro + f"<details open><summary>{len(runs)} runs (arm × seed)</summary>{experiments}</details>"
             + '<h3 id="lora-comparison">Full fine-tune vs LoRA</h3>' + comparison_intro + comparison
             + '<h3 id="effects">Effect of each axis</h3>' + effects_intro
-            + _sortable(_effects_display(axis_effects(runs, baseline)))
-            + _pareto(runs, references) + distance
+            + _sortable(_effects_display(axis_effects(runs, baseline, ((score.column, score.higher_is_better),
+                                                                      *EFFECT_METRICS))))
+            + _pareto(runs, references, score) + distance
             + '<h3 id="convergence">Convergence by init</h3>' + curves_intro
             + figure_html(_loss_curves(history), "training loss by init") + SORTABLE)
     return ReportSection("LoRA ablation grid", body, "lora")
 
 
-def axis_effects(runs: pd.DataFrame, baseline: dict, metrics: tuple[tuple[str, bool], ...] = EFFECT_METRICS
-                 ) -> pd.DataFrame:
+def axis_effects(runs: pd.DataFrame, baseline: dict,
+                 metrics: tuple[tuple[str, bool], ...] = (("roc_auc", True), *EFFECT_METRICS)) -> pd.DataFrame:
     """Per axis and value compared with the baseline (`stats.axis_comparisons`): `axis`, `value`, `reference`,
     `seeds` (the most paired seeds over the metrics), and per metric `<metric>` (the value's mean over the paired
     seeds), `<metric> Δ`, `<metric> ci_low`, `<metric> ci_high`, `<metric> verdict`."""
@@ -173,9 +177,10 @@ def pareto_front(score: pd.Series, cost: pd.Series) -> pd.Series:
         for j in score.index) for i in score.index], index=score.index)
 
 
-def _pareto(runs: pd.DataFrame, references: pd.DataFrame, metric: str = "roc_auc") -> str:
-    """Test `metric` against each cost in `PARETO_COSTS`, one point per arm (mean over seeds, error bars the std
+def _pareto(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIFICATION) -> str:
+    """Test `score` against each cost in `PARETO_COSTS`, one point per arm (mean over seeds, error bars the std
     across seeds), the frontier circled and listed, the teacher and base scores as horizontal lines."""
+    metric = score.column
     costs = [cost for cost, _ in PARETO_COSTS if cost in runs]
     if metric not in runs or runs[metric].isna().all() or not costs:
         return ""
@@ -183,9 +188,9 @@ def _pareto(runs: pd.DataFrame, references: pd.DataFrame, metric: str = "roc_auc
     figure = Figure(figsize=(4.2 * len(costs), 3.6), layout="constrained")
     fronts = []
     for axis, cost in zip(figure.subplots(1, len(costs), squeeze=False).flat, costs):
-        score, spend = means[f"{metric} mean"], means[f"{cost} mean"]
-        front = pareto_front(score, spend)
-        axis.errorbar(spend, score, yerr=means[f"{metric} std"], xerr=means[f"{cost} std"], fmt="o", ms=4,
+        value, spend = means[f"{metric} mean"], means[f"{cost} mean"]
+        front = pareto_front(value if score.higher_is_better else -value, spend)
+        axis.errorbar(spend, value, yerr=means[f"{metric} std"], xerr=means[f"{cost} std"], fmt="o", ms=4,
                       color="C0", ecolor="C0", elinewidth=0.8, alpha=0.8, label="LoRA arm")
         ordered = means[front].sort_values(f"{cost} mean")
         axis.plot(ordered[f"{cost} mean"], ordered[f"{metric} mean"], "o-", mfc="none", ms=10, color="C3",
@@ -204,8 +209,9 @@ def _pareto(runs: pd.DataFrame, references: pd.DataFrame, metric: str = "roc_auc
                       + ", ".join(f"<code>{html.escape(label)}</code>" for label in ordered.index) + "</li>")
     figure.suptitle(f"test {metric} against cost, one point per arm")
     intro = (f"<p>Test {metric} against cost, one point per arm: mean over seeds, error bars the std across seeds. "
-             "An arm is on the Pareto frontier (circled) when no other arm scores at least as high for no more "
-             "cost; dashed line: the teacher, dotted: the base. Frontier, cheapest first:</p>")
+             "An arm is on the Pareto frontier (circled) when no other arm scores at least as well for no more "
+             f"cost ({'higher' if score.higher_is_better else 'lower'} is better); dashed line: the teacher, dotted: "
+             "the base. Frontier, cheapest first:</p>")
     return (f'<div id="pareto"><h3>Score against cost</h3>{intro}<ul>{"".join(fronts)}</ul>'
             + figure_html(figure, f"test {metric} against cost") + "</div>")
 
@@ -249,11 +255,12 @@ def _module_distance(distance: pd.DataFrame) -> str:
             + "</div>")
 
 
-def _comparison(runs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
+def _comparison(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIFICATION) -> pd.DataFrame:
     """The teacher and base rows, then per objective the mean of its LoRA runs, with LoRA / teacher ratios."""
     columns = {"trainable_parameters": "trainable parameters", "trainable_percent": "% trainable",
                "peak_memory_mb": "peak memory MB", "samples_per_s": "samples / s", "adapter_bytes": "storage bytes",
-               "roc_auc": "ROC-AUC", "lm_loss": "LM loss"}
+               score.column: score.label}
+    columns |= {"lm_loss": "LM loss"} if "lm_loss" in runs else {}
     labels = {"teacher": "teacher (full fine-tune)", "base": "base (untrained)"}
     labels |= {name: f"{name} (base + rank-{name.removeprefix('teacher_r')} ΔW of the teacher)"
                for name in references.index if str(name).startswith("teacher_r")}

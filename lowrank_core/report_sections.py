@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .io import read_json
+from .modalities import CLASSIFICATION, Score
 from .report import ReportSection, figure_html, png_html, table
 from .report_lora import LORA_INPUTS, lora_section
 
@@ -24,9 +25,10 @@ TEACHER_KEYS = ("steps", "final_loss", "final_val_loss", "best_val_loss", "devic
 HEAD_KEYS = ("best_epoch", "best_val_roc_auc", "selected_by", "pixel_masks", "parameters", "train_seconds", "device")
 
 
-def stage_sections(inputs: dict[str, str], baseline: dict | None = None) -> list[ReportSection]:
+def stage_sections(inputs: dict[str, str], baseline: dict | None = None,
+                   score: Score = CLASSIFICATION) -> list[ReportSection]:
     """The head, low-rank, teacher, ΔW and LoRA grid sections, in this order, each only when all its inputs are
-    present (the grid's `lora_module_distance` is optional; `baseline` as in `lora_section`)."""
+    present (the grid's `lora_module_distance` is optional; `baseline` and `score` as in `lora_section`)."""
     sections = []
     if all(f"head_{name}" in inputs for name in HEAD_INPUTS):
         sections.append(head_section(*(inputs[f"head_{name}"] for name in HEAD_INPUTS)))
@@ -41,7 +43,7 @@ def stage_sections(inputs: dict[str, str], baseline: dict | None = None) -> list
         sections.append(delta_section(inputs["delta"]))
     if all(name in inputs for name in LORA_INPUTS):
         sections.append(lora_section(*(inputs[name] for name in LORA_INPUTS), inputs.get("lora_module_distance"),
-                                     baseline))
+                                     baseline, score))
     return sections
 
 

@@ -3,9 +3,10 @@
 
 rule make_synthetic_dataset:
     output:
-        directory("data/synthetic"),
+        directory(synthetic_dir()),
     params:
-        synthetic=config_slice("dataset", "synthetic"),
+        synthetic=config_slice("dataset", MODALITY.synthetic or "synthetic"),
+        modality=config["model"]["modality"],
     threads: rule_threads("make_synthetic_dataset")
     resources:
         **rule_resources("make_synthetic_dataset"),
@@ -26,7 +27,7 @@ rule prepare_dataset:  # before other ready jobs: a bad input fails before anyth
     output:
         "results/dataset/manifest.json",
     params:
-        dataset=config_slice("dataset"),
+        dataset={key: value for key, value in config_slice("dataset").items() if key in MODALITY.dataset_keys},
         modality=config_slice("model", "modality"),
     threads: rule_threads("prepare_dataset")
     resources:

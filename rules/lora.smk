@@ -71,6 +71,7 @@ rule collect:
     params:
         arms=ARMS,
         references=list(REFERENCES),
+        modality=config["model"]["modality"],
     threads: rule_threads("collect")
     resources:
         **rule_resources("collect"),

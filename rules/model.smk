@@ -3,9 +3,10 @@
 
 rule build_tiny_model:
     output:
-        directory("data/models/tiny"),
+        directory(tiny_model_dir()),
     params:
-        tiny=config_slice("model", "tiny"),
+        tiny=config_slice("model", MODALITY.tiny or "tiny"),
+        modality=config["model"]["modality"],
     threads: rule_threads("build_tiny_model")
     resources:
         **rule_resources("build_tiny_model"),

@@ -9,6 +9,7 @@ rule report:
     params:
         config_hash=experiment_hash(),
         baseline=grid_baseline(),
+        modality=config["model"]["modality"],
     threads: rule_threads("report")
     resources:
         **rule_resources("report"),

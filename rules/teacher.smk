@@ -9,7 +9,7 @@ rule train_teacher:
         directory("results/teacher/model"),
     params:
         teacher=config_slice("teacher"),
-        image_size=config_slice("features", "image_size"),
+        task=task_settings(),
         state_dir="results/state/teacher",
         tensorboard_dir="results/tensorboard/teacher",
     threads: rule_threads("train_teacher")

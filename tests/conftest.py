@@ -32,7 +32,7 @@ def vision_inputs(root: Path, model_dir: Path, image_size: int, train: int, val:
 
     files = generate_synthetic(root / "data", SyntheticSpec(image_size=image_size, train=train, val=val, test=test))
     write_json(root / "manifest.json", validate_dataset(files))
-    write_json(root / "model.json", {"path": str(model_dir), "dtype": "float32"})
+    write_json(root / "model.json", {"path": str(model_dir), "dtype": "float32", "modality": "vision_language"})
     return root / "model.json", root / "manifest.json"
 
 

@@ -32,7 +32,7 @@ SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "features": FeatureC
         (FeatureConfig, {"dtype": "int8"}, "features.dtype: 'int8' is not one of"),
         (ModelConfig, {"tiny": {"vision_depth": "2"}}, "model.tiny.vision_depth: expected int"),
         (ModelConfig, {"tiny": {"text_hidden_size": 60, "text_heads": 4}}, "model.tiny.text_hidden_size: head dim"),
-        (ModelConfig, {"source": "tiny", "modality": "text"}, "model.modality: the tiny model is"),
+        (ModelConfig, {"source": "tiny", "modality": "text"}, "model.source: there is no tiny text model"),
         (DatasetConfig, {"splits": {"train": "a.json"}}, "dataset.splits: must name exactly train, val, test"),
         (DatasetConfig, {"synthetic": {"train": 1}}, "dataset.synthetic.train: must be at least 2"),
     ],

@@ -13,16 +13,20 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import launch_data_parallel, vision_inputs
-from lowrank_core import lora, lora_eval
+from lowrank_core import lora
 from lowrank_core.delta import DeltaConfig, export_delta
 from lowrank_core.errors import CheckpointError, ConfigError
 from lowrank_core.grid import PRESETS, STRATEGIES, grid_arms, named_entries
 from lowrank_core.io import load_tensors, read_json
-from lowrank_core.lora import ArmConfig, PresetConfig, StrategyConfig, build_student, load_student, resolve_targets
-from lowrank_core.lora_eval import delta_distance, label_blind_loss, merge_factors
+from lowrank_core.lora import ArmConfig, PresetConfig, build_student, load_student
+from lowrank_core.lora_eval import delta_distance, merge_factors
+from lowrank_core.modalities import get_modality
+from lowrank_core.modalities.vision_language import BATCH_EXTRAS, answer_logprobs, label_blind_loss
+from lowrank_core.targets import StrategyConfig, resolve_targets, select_layers
 from lowrank_core.modeling import load_model, load_processor
 
 IMAGE_SIZE = 32
+VL = get_modality("vision_language")
 VISION = "model.visual.blocks.{}.attn.{}"
 LANGUAGE = "model.language_model.layers.{}.self_attn.{}_proj"
 
@@ -54,6 +58,16 @@ def delta_dir(tiny_model_dir, tmp_path_factory):
     teacher.save_pretrained(root / "teacher")
     export_delta(tiny_model_dir, root / "teacher", root / "delta", DeltaConfig(ranks=(4, 8)))
     return root / "delta"
+
+
+def model_info(model_dir) -> dict:
+    return {"path": str(model_dir), "dtype": "float32", "modality": "vision_language"}
+
+
+def student_of(model_dir, settings: ArmConfig, **paths):
+    """(student, targets) of `build_student` on the model in `model_dir`."""
+    student, targets, _ = build_student(model_info(model_dir), settings, **paths)
+    return student, targets
 
 
 def weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -136,7 +150,7 @@ def test_language_mlp_kinds_never_catch_the_vision_mlp(tiny_model):
 @pytest.mark.parametrize("selection, layers", [("all", {0, 1, 2, 3}), ("none", set()), ("0.5:1", {2, 3}),
                                                ("0:0.25", {0}), ("1-2", {1, 2}), ([0, 3], {0, 3})])
 def test_layer_selections(selection, layers):
-    assert lora.select_layers(selection, 4, "k") == layers
+    assert select_layers(selection, 4, "k") == layers
 
 
 def test_a_layer_outside_the_model_names_the_strategy_key(tiny_model):
@@ -183,8 +197,7 @@ def test_qwen3_vl_shaped_model_resolves_its_own_module_names():
 
 @pytest.mark.parametrize("init", ["random", "gaussian", "pissa", "olora"])
 def test_peft_inits_start_at_the_base_weights(tiny_model_dir, tiny_model, init):
-    processor = load_processor(tiny_model_dir)
-    student, targets = build_student(str(tiny_model_dir), arm(init=init, pissa_niter=0), processor)
+    student, targets = student_of(tiny_model_dir, arm(init=init, pissa_niter=0))
     merged = student.model.merge_and_unload()
     base = weights(tiny_model, targets)
     for name, weight in weights(merged, targets).items():
@@ -195,7 +208,7 @@ def test_peft_inits_start_at_the_base_weights(tiny_model_dir, tiny_model, init):
 def test_pissa_and_olora_adapters_hold_their_part_of_the_base_weight(tiny_model_dir, tiny_model, init):
     """PiSSA's adapter holds the top-r singular part of W, OLoRA's the first r columns of W's QR factorisation (both
     checked against torch's own decompositions); an init that fell back to random (B = 0) would hold nothing."""
-    student, targets = build_student(str(tiny_model_dir), arm(init=init, pissa_niter=0), load_processor(tiny_model_dir))
+    student, targets = student_of(tiny_model_dir, arm(init=init, pissa_niter=0))
     for name in targets:
         layer = student.model.get_base_model().get_submodule(name)
         r, scaling = layer.r["default"], layer.scaling["default"]
@@ -214,15 +227,14 @@ def test_answer_logprobs_sum_the_log_probabilities_of_the_labelled_tokens():
     """Hand-computed: the logits at position t predict token t + 1; only labelled (answer) tokens count."""
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [1 / 3, 1 / 3, 1 / 3]]]))
     labels = torch.tensor([[-100, -100, 1, 2]])  # position 1 predicts token 1 (0.8), position 2 token 2 (0.4)
-    total, count = lora.answer_logprobs(logits, labels)
+    total, count = answer_logprobs(logits, labels)
     assert total.item() == pytest.approx(math.log(0.8) + math.log(0.4), rel=1e-5) and count.tolist() == [2]
 
 
 @pytest.mark.parametrize("alpha, rslora", [(8, False), (3, True)])
 def test_svd_init_starts_at_base_plus_the_teachers_rank_r_delta(tiny_model_dir, tiny_model, delta_dir, alpha, rslora):
-    processor = load_processor(tiny_model_dir)
     settings = arm(init="svd", preset={**PRESETS["standard"], "r": 4, "alpha": alpha, "use_rslora": rslora})
-    student, targets = build_student(str(tiny_model_dir), settings, processor, delta_dir=delta_dir)
+    student, targets = student_of(tiny_model_dir, settings, delta_dir=delta_dir)
     teacher = load_model(delta_dir.parent / "teacher")
     merged = student.model.merge_and_unload()
     changed = 0
@@ -239,7 +251,7 @@ def test_svd_init_starts_at_base_plus_the_teachers_rank_r_delta(tiny_model_dir, 
 def test_svd_init_needs_factors_of_the_presets_rank(tiny_model_dir, delta_dir):
     settings = arm(init="svd", preset={**PRESETS["full"], "r": 16})
     with pytest.raises(ConfigError, match=r"^delta\.ranks: init svd needs factors of rank >= 16"):
-        build_student(str(tiny_model_dir), settings, load_processor(tiny_model_dir), delta_dir=delta_dir)
+        student_of(tiny_model_dir, settings, delta_dir=delta_dir)
 
 
 def test_svd_with_dora_is_refused():
@@ -260,7 +272,7 @@ def test_sharded_arms_are_refused():
 
 def test_frozen_head_objective_without_a_head_checkpoint_fails_clearly(tiny_model_dir, tmp_path):
     with pytest.raises(CheckpointError, match="head.safetensors: head checkpoint file does not exist"):
-        build_student(str(tiny_model_dir), arm(objective="head_frozen"), load_processor(tiny_model_dir),
+        student_of(tiny_model_dir, arm(objective="head_frozen"),
                       head_path=tmp_path / "head.safetensors")
 
 
@@ -293,13 +305,13 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_trained_outputs(inputs, ti
     settings = arm(init=init, pissa_niter=0)
     run_arm(inputs, tmp_path, settings)
     processor = load_processor(tiny_model_dir)
-    trained, _ = build_student(str(tiny_model_dir), settings, processor)  # same deterministic init ...
+    trained, _ = student_of(tiny_model_dir, settings)  # same deterministic init ...
     checkpoint, _ = load_tensors(tmp_path / "state" / "checkpoint" / "step-00000004" / "weights.safetensors")
     trained.load_state_dict(checkpoint, strict=False)  # ... plus the trained adapter weights
     reloaded = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "out" / "adapter")
     records = read_json(inputs[1])["splits"]["test"]["records"]
-    batch = lora.arm_batcher(processor, settings)(records)
-    inputs_only = {k: v for k, v in batch.items() if k not in lora.BATCH_EXTRAS}
+    batch = VL.batcher(processor, settings)(records)
+    inputs_only = {k: v for k, v in batch.items() if k not in BATCH_EXTRAS}
     with torch.no_grad():
         expected = trained.eval().model(**inputs_only).logits
         torch.testing.assert_close(reloaded.eval()(**inputs_only).logits, expected, atol=1e-4, rtol=1e-4)
@@ -311,9 +323,9 @@ def test_trained_arm_reloads_for_evaluation_with_its_head(inputs, tiny_model_dir
     settings = arm(objective="hybrid")
     run_arm(inputs, tmp_path, settings)
     processor = load_processor(tiny_model_dir)
-    student, targets = load_student(str(tiny_model_dir), settings, tmp_path / "out", processor)
+    student, targets, _ = load_student(model_info(tiny_model_dir), settings, tmp_path / "out")
     records = read_json(inputs[1])["splits"]["val"]["records"]
-    loss = student(lora.arm_batcher(processor, settings)(records))
+    loss = student(VL.batcher(processor, settings)(records))
     assert math.isfinite(loss.item()) and targets == read_json(tmp_path / "out" / "target_modules.json")
 
 
@@ -369,7 +381,7 @@ def test_two_data_parallel_processes_match_one_process(inputs, tmp_path):
 @pytest.mark.parametrize("init", ["svd", "random"])
 def test_delta_distance_at_the_start_is_what_the_rank_r_truncation_leaves(tiny_model_dir, delta_dir, init):
     """Before training, ‖ΔW_student − ΔW_teacher‖/‖ΔW_teacher‖ is sqrt(1 − rank-r energy) for svd, 1 for random."""
-    student, targets = build_student(str(tiny_model_dir), arm(init=init), load_processor(tiny_model_dir),
+    student, targets = student_of(tiny_model_dir, arm(init=init),
                                      delta_dir=delta_dir)
     teacher, base = load_model(delta_dir.parent / "teacher"), load_model(tiny_model_dir)
     residual = total = 0.0
@@ -386,7 +398,7 @@ def test_delta_distance_at_the_start_is_what_the_rank_r_truncation_leaves(tiny_m
 def test_distance_by_module_group_pools_to_the_overall_distance(tiny_model_dir, delta_dir):
     """Each group's distance is its own modules' ‖ΔW_student − ΔW_teacher‖ / ‖ΔW_teacher‖; a random start has not
     moved any weight, so every group is at 1, and the groups cover the vision attention and language q_proj."""
-    student, targets = build_student(str(tiny_model_dir), arm(init="random"), load_processor(tiny_model_dir),
+    student, targets = student_of(tiny_model_dir, arm(init="random"),
                                      delta_dir=delta_dir)
     distance = delta_distance(student, targets, tiny_model_dir, delta_dir.parent / "teacher")
     groups = {(g["tower"], g["kind"], g["layer"]): g["relative_distance"] for g in distance["groups"]}
@@ -420,15 +432,15 @@ def test_lm_scores_are_the_answer_log_odds_the_model_itself_computes(tiny_model_
 
     processor = load_processor(tiny_model_dir)
     settings = arm()
-    student, _ = build_student(str(tiny_model_dir), settings, processor)
+    student, _ = student_of(tiny_model_dir, settings)
     records = read_json(inputs[1])["splits"]["test"]["records"]
-    batcher = lora.arm_batcher(processor, settings)
-    metrics = lora_eval.test_metrics(student, records, batcher, 2, 0.5)
+    batcher = VL.batcher(processor, settings)
+    metrics = VL.test_metrics(student, records, batcher, 2, settings)
     log_odds, nll, tokens = [], 0.0, 0
     for record in records:
         logprob = {}
         for label in (1, 0):
-            batch = {k: v for k, v in batcher([{**record, "label": label}]).items() if k not in lora.BATCH_EXTRAS}
+            batch = {k: v for k, v in batcher([{**record, "label": label}]).items() if k not in BATCH_EXTRAS}
             with torch.no_grad():
                 loss = student.model(**batch, use_cache=False).loss.item()
             count = int((batch["labels"] != -100).sum())  # the loss is the mean over the answer tokens

@@ -79,7 +79,7 @@ def test_the_pretrained_tiny_base_tells_grainy_from_clean_images(tiny_model_dir)
 
     from lowrank_core.data import scene
     from lowrank_core.lm_data import ChatBatcher
-    from lowrank_core.lora import answer_logprobs
+    from lowrank_core.modalities.vision_language import answer_logprobs
     from lowrank_core.pretrain import GRAIN_THRESHOLD, QUESTION, WORDS
 
     model, processor = load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)

@@ -97,3 +97,32 @@ def test_a_missing_split_file_names_its_key_and_path(workdir, tmp_path):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == f"DataError: dataset.splits.test: {data / 'test.json'} does not exist"
     assert not (workdir / "results").exists()
+
+
+DEPTH = "config/examples/depth_eth3d_tiny.yaml"
+DEPTH_CASES = [
+    # a part the depth model does not have, and a selection of the wrong form for its part
+    ("lora:\n  strategies:\n    later_half: {vision: all}\n",
+     r"ConfigError: lora\.strategies\.later_half\.vision: not a part of this model "
+     r"\(its parts: backbone, neck, head\)"),
+    ("lora:\n  strategies:\n    all: {backbone: true}\n",
+     r"ConfigError: lora\.strategies\.all\.backbone: takes a layer selection .*, not True"),
+    ("lora:\n  grid:\n    objectives: [depth, lm]\n",
+     r"ConfigError: lora\.grid\.objectives: unknown objective 'lm' \(known: depth\)"),
+    ("teacher:\n  batch_size: 40\n", r"ConfigError: teacher\.batch_size: 40 is more than the 39 training records"),
+    ("model:\n  backend: vggt\n", r"ConfigError: model\.source: the tiny model is a transformers model"),
+    ("dataset:\n  eth3d:\n    split: {train: 0.5, val: 0.1, test: 0.1}\n", r"ConfigError: dataset\.eth3d\.split: .*"),
+    ("dataset:\n  source: /nonexistent/eth3d\n",
+     r"DataError: dataset\.source: /nonexistent/eth3d is not a directory \(of ETH3D scenes, or 'synthetic'\)"),
+]
+
+
+@pytest.mark.parametrize("edit, message", DEPTH_CASES,
+                         ids=[message.split(": ")[1].replace("\\", "") for _, message in DEPTH_CASES])
+def test_a_bad_depth_config_fails_with_one_line_before_any_job(workdir, tmp_path, edit, message):
+    config = write_yaml(tmp_path / "edit.yaml", edit)
+    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", DEPTH, str(config))
+    assert result.returncode == 1
+    assert re.match(message, result.stderr.splitlines()[-1]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "results").exists() and not (workdir / "data").exists()

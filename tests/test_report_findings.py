@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lowrank_core.delta import DeltaConfig, analyse_deltas, summarise_groups
+from lowrank_core.modalities import Score
 from lowrank_core.report_findings import (Grid, axes_finding, chance_warnings, delta_finding, findings_section,
                                           fine_tune_finding, grid_warnings, history_warnings, init_finding,
                                           label_blind_warnings, lowrank_finding, nan_warnings, noise_warnings,
@@ -68,7 +69,7 @@ def test_the_winning_preset_is_claimed_only_when_its_interval_supports_it():
                              "trainable parameters, 1.5× the train time, 1× the peak memory of standard;")
     assert "strategy: only later_half in the grid; objective: only lm in the grid." in answer
     assert axes_finding(worse).answer.startswith(
-        "preset: no value scores above the baseline standard beyond noise (full lower beyond noise);")
+        "preset: no value scores better than the baseline standard beyond noise (full worse beyond noise);")
     all_worse = grid_of(runs_of({(): {}, FULL: {"roc_auc": [0.6, 0.61, 0.59]}}))
     assert axes_finding(all_worse).answer.startswith("preset: the baseline standard scores best")
     alone = axes_finding(grid_of(runs_of({(): {}})))
@@ -157,7 +158,7 @@ CLEAN = runs_of({(): {}, FULL: {"roc_auc": [0.8, 0.81, 0.79]}})
 def test_a_teacher_no_better_than_the_base_is_flagged():
     assert teacher_warnings(references_of(0.9, 0.5)) == []
     (warning,) = teacher_warnings(references_of(0.53, 0.5))
-    assert warning.startswith("teacher: test roc_auc 0.53 is not 0.05 above the base's 0.5")
+    assert warning.startswith("teacher: test roc_auc 0.53 is not 0.05 better than the base's 0.5")
 
 
 def test_arms_at_chance_and_one_answer_for_every_sample_are_flagged():
@@ -228,7 +229,7 @@ def test_grid_warnings_gather_every_check_and_stay_silent_on_a_clean_grid():
     assert grid_warnings(clean, history_of([1.0, 0.8], [1.0, 0.5])) == []
     assert grid_warnings(clean, history_of([1.0, 0.8, 0.9], [1.0, 0.6, 0.4]))[0].startswith("teacher: validation")
     broken = grid_of(CLEAN, references_of(0.5, 0.5))
-    assert grid_warnings(broken)[0].startswith("teacher: test roc_auc 0.5 is not 0.05 above")
+    assert grid_warnings(broken)[0].startswith("teacher: test roc_auc 0.5 is not 0.05 better than")
 
 
 def write_inputs(directory, runs: pd.DataFrame, references: pd.DataFrame, teacher_val: list[float]) -> dict:
@@ -270,8 +271,29 @@ def test_the_sections_render_from_files_with_links_to_their_evidence(tmp_path):
     assert all("Cannot be answered" in item for item in re.findall(r"<li>(.*?)</li>", findings_section({}).html))
 
 
-@pytest.mark.parametrize("score, verdict", [(0.8, "full scores best"), (0.7, "no value scores above")])
+@pytest.mark.parametrize("score, verdict", [(0.8, "full scores best"), (0.7, "no value scores better")])
 def test_findings_follow_the_numbers_in_the_table(tmp_path, score, verdict):
     runs = runs_of({(): {}, FULL: {"roc_auc": [score + n for n in (0.0, 0.012, -0.01)]}})
     files = write_inputs(tmp_path, runs, references_of(), [1.0])
     assert f"preset: {verdict}" in findings_section(files).html
+
+
+DEPTH_SCORE = Score("abs_rel", "AbsRel", higher_is_better=False, chance=None)
+
+
+def test_a_lower_is_better_score_picks_the_lowest_and_has_no_chance_level():
+    """Depth arms are judged by test AbsRel: the best value is the lowest, the teacher must be lower than the base,
+    and there is no chance level to warn about."""
+    runs = runs_of({(): {"abs_rel": [0.20, 0.21, 0.19]}, FULL: {"abs_rel": [0.12, 0.13, 0.11]},
+                    LIGHT: {"abs_rel": [0.30, 0.31, 0.29]}})
+    references = pd.DataFrame([{"model": "base", "abs_rel": 0.4}, {"model": "teacher", "abs_rel": 0.1},
+                               {"model": "teacher_r4", "rank": 4, "abs_rel": 0.25}]).set_index("model")
+    grid = Grid(runs, references, history_of([1.0], [1.0]), BASELINE, DEPTH_SCORE)
+    assert axes_finding(grid).answer.startswith("preset: full scores best (0.12 vs 0.2 for standard, Δ -0.08")
+    answer = fine_tune_finding(grid).answer
+    assert answer.startswith("The best LoRA arm lm/full/random/later_half reaches test abs_rel 0.12")
+    assert "the ΔW_r references hold 50% at r=4 of its gain over the base (0.4 → 0.1)" in answer
+    assert teacher_warnings(references, DEPTH_SCORE) == []
+    (warning,) = teacher_warnings(references.assign(abs_rel=[0.4, 0.38, 0.3]), DEPTH_SCORE)
+    assert warning.startswith("teacher: test abs_rel 0.38 is not 0.05 better than the base's 0.4")
+    assert chance_warnings(runs.assign(roc_auc=0.5), references, DEPTH_SCORE) == []

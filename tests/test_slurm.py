@@ -13,6 +13,7 @@ import collections
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,8 +125,11 @@ def test_slice_runs_through_slurm(slurm, tmp_path, capsys):
     assert arm_metrics["classification"]["roc_auc"] > 0.5 and arm_metrics["cost"]["trainable_parameters"] > 0
     assert (workdir / "results" / "lora" / ARM / "adapter" / "adapter_model.safetensors").is_file()
 
-    # The same slice run locally, for the time it takes and the same results.
+    # The same slice run locally, for the time it takes and the same results. It starts from the SLURM run's built
+    # inputs (the tiny model, its pre-training included, and the synthetic images): Snakemake keeps outputs it
+    # finds, and every result compared below is computed afresh from them.
     local_dir = copy_workflow(tmp_path / "local_run")
+    shutil.copytree(workdir / "data", local_dir / "data")
     start = time.perf_counter()
     local = snakemake(local_dir, *SLICE)
     local_seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ from lowrank_core.data import validate_dataset
 from lowrank_core.errors import ConfigError, LowrankError
 from lowrank_core.io import read_json, write_json
 from lowrank_core.lm_data import ChatBatcher, lm_loss
+from lowrank_core.lora import ArmConfig
 from lowrank_core.modeling import load_model, load_processor
 from lowrank_core.training import HISTORY_COLUMNS, Batches, TrainConfig, train_loop
 
@@ -36,8 +37,9 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig.from_dict(settings)
 
 
-def run_teacher(inputs, root, cfg):
-    return teacher.train_teacher(*inputs, cfg, IMAGE_SIZE, root / "out", root / "state", root / "tb")
+def run_teacher(inputs, root, cfg, image_size=IMAGE_SIZE):
+    return teacher.train_teacher(*inputs, cfg, ArmConfig(image_size=image_size), root / "out", root / "state",
+                                 root / "tb")
 
 
 def text_dataset(root, counts=(("train", 16), ("val", 4), ("test", 2))):
@@ -57,11 +59,11 @@ def test_text_only_causal_lm_learns_from_text_records(tiny_model_dir, tmp_path):
         num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     model.save_pretrained(tmp_path / "text_model")
     tokenizer.save_pretrained(tmp_path / "text_model")
-    write_json(tmp_path / "model.json", {"path": str(tmp_path / "text_model"), "dtype": "float32"})
+    write_json(tmp_path / "model.json", {"path": str(tmp_path / "text_model"), "dtype": "float32", "modality": "text"})
     write_json(tmp_path / "manifest.json", validate_dataset(text_dataset(tmp_path), "text"))
 
     cfg = config(max_steps=60, batch_size=4, lr=1e-2, eval_every=20, checkpoint_every=60)
-    summary = run_teacher((tmp_path / "model.json", tmp_path / "manifest.json"), tmp_path, cfg)
+    summary = run_teacher((tmp_path / "model.json", tmp_path / "manifest.json"), tmp_path, cfg, image_size=None)
     history = pd.read_csv(tmp_path / "out" / "history.csv")
     assert summary["image_size"] is None
     assert history["loss"].tail(5).mean() < 0.1 * history["loss"].head(5).mean()
@@ -99,16 +101,19 @@ def test_teacher_learns_and_writes_a_loadable_model(tiny_model_dir, inputs, tmp_
 def kill_in_step_five(inputs, root, cfg, monkeypatch):
     """Run the teacher until its first micro-batch of step 5 raises, as a killed job would stop."""
     calls = {"train": 0}
-    lm_loss = teacher.lm_loss
+    train_loop = teacher.train_loop
 
-    def dies_in_step_five(model, batch):
-        calls["train"] += model.training
-        if calls["train"] == 9:  # first micro-batch of step 5 with grad_accum 2
-            raise RuntimeError("killed")
-        return lm_loss(model, batch)
+    def loop_killed_in_step_five(model, loss_fn, *args, **kwargs):
+        def dies_in_step_five(model, batch):
+            calls["train"] += model.training
+            if calls["train"] == 9:  # first micro-batch of step 5 with grad_accum 2
+                raise RuntimeError("killed")
+            return loss_fn(model, batch)
+
+        return train_loop(model, dies_in_step_five, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(teacher, "lm_loss", dies_in_step_five)
+        patch.setattr(teacher, "train_loop", loop_killed_in_step_five)
         with pytest.raises(RuntimeError, match="killed"):
             run_teacher(inputs, root, cfg)
     assert not (root / "out").exists()
@@ -229,7 +234,8 @@ def launch_teacher(inputs, root, cfg):
     """The teacher trained by 2 gloo processes into `root`; its summary."""
     launch_data_parallel("lowrank_core.teacher:train_teacher",
                          f"{str(inputs[0])!r}, {str(inputs[1])!r}, TrainConfig.from_dict({cfg.to_dict()!r}), "
-                         f"{IMAGE_SIZE}, {str(root / 'out')!r}, {str(root / 'state')!r}, {str(root / 'tb')!r}")
+                         f"ArmConfig(image_size={IMAGE_SIZE}), {str(root / 'out')!r}, {str(root / 'state')!r}, "
+                         f"{str(root / 'tb')!r}")
     return read_json(root / "out" / "train_summary.json")
 
 

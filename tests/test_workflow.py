@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers
+import yaml
 from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
@@ -359,6 +360,13 @@ STAND_IN_CONFIGS = {
     "qwen2_5_text_svd_init": transformers.Qwen2Config(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         tie_word_embeddings=True),
+    "depth_eth3d": transformers.DepthAnythingConfig(  # Depth-Anything-V2-Metric-Outdoor-Small
+        backbone_config=transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                                  patch_size=14, image_size=518, out_indices=[3, 6, 9, 12],
+                                                  reshape_hidden_states=False),
+        reassemble_hidden_size=384, neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64,
+        depth_estimation_type="metric", max_depth=80),
+    "depth_eth3d_vggt": {"img_size": 518, "patch_size": 14, "embed_dim": 1024},  # VGGT's init arguments
 }
 
 
@@ -397,20 +405,42 @@ def test_a_bad_record_fails_in_the_dataset_job_before_any_other(tmp_path, field,
 
 @pytest.mark.parametrize("example", sorted((REPO / "config/examples").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_validate_and_dry_run(tmp_path, example):
-    """Each example, pointed at a stand-in checkpoint (its model's config) and dataset, validates and builds its DAG."""
+    """Each example, pointed at a stand-in checkpoint (its model's config) and dataset (where it names local ones),
+    validates and builds its DAG."""
+    from lowrank_core.modalities.depth.synthetic import SyntheticScenesSpec, generate_synthetic_eth3d
+
     workdir = copy_workflow(tmp_path / "workflow")
-    checkpoint, data = tmp_path / "checkpoint", tmp_path / "data"
-    STAND_IN_CONFIGS[example.stem].save_pretrained(checkpoint)
-    data.mkdir()
-    for split in ("train", "val", "test"):
-        (data / f"{split}.json").write_text(json.dumps([{}] * 256))  # records are checked by the dataset job
-    local = write_yaml(tmp_path / "local.yaml", f"model:\n  source: {checkpoint}\ndataset:\n  source: {data}\n")
-    result = snakemake(workdir, "-n", "--configfile", str(example), str(local))
+    settings = yaml.safe_load(example.read_text())
+    modality = settings["model"]["modality"]
+    local = ""
+    if settings["model"]["source"] != "tiny":
+        checkpoint = tmp_path / "checkpoint"
+        stand_in = STAND_IN_CONFIGS[example.stem]
+        if isinstance(stand_in, dict):  # a VGGT checkpoint: its init arguments and weights
+            checkpoint.mkdir()
+            (checkpoint / "config.json").write_text(json.dumps(stand_in))
+            (checkpoint / "model.safetensors").write_bytes(b"")
+        else:
+            stand_in.save_pretrained(checkpoint)
+        local += f"model:\n  source: {checkpoint}\n"
+    if settings["dataset"]["source"] != "synthetic":
+        data = tmp_path / "data"
+        if modality == "depth":  # scenes in the ETH3D layout, whichever their names
+            generate_synthetic_eth3d(data, SyntheticScenesSpec(scenes=2, images_per_scene=60))
+            local += f"dataset:\n  source: {data}\n  eth3d:\n    scenes: []\n"
+        else:
+            data.mkdir()
+            for split in ("train", "val", "test"):
+                (data / f"{split}.json").write_text(json.dumps([{}] * 256))  # records are checked by the dataset job
+            local += f"dataset:\n  source: {data}\n"
+    configs = [str(example), *([str(write_yaml(tmp_path / "local.yaml", local))] if local else [])]
+    result = snakemake(workdir, "-n", "--configfile", *configs)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = scheduled_jobs(result.stdout + result.stderr)
-    assert "build_tiny_model" not in jobs and "make_synthetic_dataset" not in jobs
+    tiny = settings["model"]["source"] == "tiny"
+    assert ("build_tiny_model" in jobs) == tiny and ("make_synthetic_dataset" in jobs) == tiny
     assert jobs["prepare_model"] == 1 and jobs["report"] == 1
-    vision = "text" not in example.stem
+    vision = modality == "vision_language"
     assert jobs.get("extract_features", 0) == (3 if vision else 0)
     assert jobs.get("pretrain_head", 0) == jobs.get("compare_lowrank", 0) // 3 == int(vision)
     assert jobs["train_teacher"] == jobs["export_delta"] == jobs["collect"] == 1

@@ -1,7 +1,8 @@
-"""Generate the synthetic splice / copy-move tamper-detection dataset."""
+"""Generate the modality's synthetic dataset (tamper detection images; ETH3D-layout facade scenes)."""
 
-from lowrank_core.data import SyntheticSpec, generate_synthetic
+from lowrank_core.modalities import get_modality
 from lowrank_core.runtime import run_step
 
-run_step(lambda: generate_synthetic(snakemake.output[0], SyntheticSpec.from_dict(snakemake.params.synthetic)),
+run_step(lambda: get_modality(snakemake.params.modality).generate_synthetic(snakemake.output[0],
+                                                                             snakemake.params.synthetic),
          snakemake.log[0], snakemake.resources.torch_threads)

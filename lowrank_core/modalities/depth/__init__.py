@@ -1,0 +1,1 @@
+"""The depth modality: multi-view depth estimation on ETH3D-format scenes."""
