@@ -147,7 +147,9 @@ def _flat_energy(modules: list[dict], rank: int) -> float:
 
 
 def init_finding(grid: Grid | None) -> Finding:
-    """Does SVD init reach the target loss sooner and end closer to the teacher than every other init in the grid?"""
+    """Does SVD init reach the target loss sooner and end closer to the teacher than every other init in the grid?
+    Compared at the baseline's objective and preset, under each strategy both inits ran with (a product grid has
+    several: where the adapters go can decide whether the teacher's ΔW helps)."""
     question = "Does SVD init converge faster and end closer to the teacher than the other inits?"
     if grid is None:
         return Finding(question, "Cannot be answered: there is no LoRA grid.", "")
@@ -156,16 +158,20 @@ def init_finding(grid: Grid | None) -> Finding:
         return Finding(question, f"Cannot be answered: svd is not in the grid (inits: {', '.join(inits)}).", "",
                        "effects")
     clauses, seeds = [], set()
+    strategies = [grid.baseline["strategy"]] + [s for s in dict.fromkeys(grid.runs["strategy"])
+                                                if s != grid.baseline["strategy"]]
     for other in (init for init in inits if init != "svd"):
-        rows = init_comparisons(grid.runs, grid.baseline, reference=other)
-        rows = rows[rows["value"] == "svd"].set_index("metric")
-        if rows.empty:
-            continue
-        seeds |= set(rows["n"])
-        clauses.append(f"vs {other}: " + _init_phrase(rows.loc["steps_to_target"], "reaches the target loss",
-                                                      "sooner", "later", "steps")
-                       + " and " + _init_phrase(rows.loc["delta_distance"], "ends", "closer to the teacher",
-                                                "farther from the teacher", "distance"))
+        for strategy in strategies:
+            rows = init_comparisons(grid.runs, {**grid.baseline, "strategy": strategy}, reference=other)
+            rows = rows[rows["value"] == "svd"].set_index("metric")
+            if rows.empty:
+                continue
+            seeds |= set(rows["n"])
+            clauses.append((f"vs {other}" if strategy == grid.baseline["strategy"] else f"vs {other} at {strategy}")
+                           + ": " + _init_phrase(rows.loc["steps_to_target"], "reaches the target loss", "sooner",
+                                                 "later", "steps")
+                           + " and " + _init_phrase(rows.loc["delta_distance"], "ends", "closer to the teacher",
+                                                    "farther from the teacher", "distance"))
     if not clauses:
         return Finding(question, "Cannot be answered: no svd arm shares the baseline's objective, preset and "
                        f"strategy ({arm_label(grid.baseline)}).", "", "effects")

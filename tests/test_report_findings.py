@@ -97,6 +97,17 @@ def test_svd_init_is_judged_on_steps_and_distance_against_every_other_init():
     assert "no svd arm shares the baseline's objective" in init_finding(elsewhere).answer
 
 
+def test_on_a_product_grid_svd_init_is_judged_under_every_strategy():
+    """Where the adapters go can decide whether ΔW helps: each strategy both inits ran with gets its own clause."""
+    runs = runs_of({(): {}, SVD: {"delta_distance": [0.9, 0.7, 0.85]}, ALL: {"steps_to_target": 40.0},
+                    (("init", "svd"), ("strategy", "all")): {"steps_to_target": [1.0, 2.0, 1.0],
+                                                               "delta_distance": [0.4, 0.42, 0.41]}})
+    answer = init_finding(grid_of(runs)).answer
+    assert answer.startswith("SVD init vs random: cannot tell whether it reaches the target loss sooner")
+    assert ("; vs random at all: reaches the target loss sooner (Δ steps -38.7 [-40.1, -37.2])" in answer
+            and "and ends closer to the teacher (Δ distance -0.39 [" in answer)
+
+
 def test_the_fine_tune_gap_and_the_rank_r_shares_follow_the_references():
     runs = runs_of({(): {}, FULL: {"roc_auc": [0.8, 0.82, 0.78]}})
     finding = fine_tune_finding(grid_of(runs, references_of(0.9, 0.5, teacher_r8=0.86, teacher_r2=0.7)))
