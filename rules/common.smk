@@ -93,12 +93,14 @@ def grid_baseline():
     return {axis: config["lora"]["grid"][LISTS[axis]][0] for axis in AXES}
 
 
-def task_settings():
+def task_settings(training_only=False):
     """What every objective of the modality reads beyond training: the image size of a vision-language model, the
-    modality's own section (`depth`)."""
+    modality's own section (`depth`), without its evaluation-only keys for `training_only` (the teacher)."""
     settings = {"image_size": config["features"]["image_size"] if VISION else None}
     if MODALITY.task:
-        settings[MODALITY.task] = config_slice(MODALITY.task)
+        section = config_slice(MODALITY.task)
+        settings[MODALITY.task] = {key: value for key, value in section.items()
+                                   if not (training_only and key in MODALITY.task_evaluation_keys)}
     return settings
 
 

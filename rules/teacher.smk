@@ -9,7 +9,7 @@ rule train_teacher:
         directory("results/teacher/model"),
     params:
         teacher=config_slice("teacher"),
-        task=task_settings(),
+        task=task_settings(training_only=True),
         state_dir="results/state/teacher",
         tensorboard_dir="results/tensorboard/teacher",
     threads: rule_threads("train_teacher")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from safetensors import safe_open
 
-from conftest import copy_workflow, snakemake, write_yaml
+from conftest import copy_workflow, scheduled_jobs, snakemake, write_yaml
 from lowrank_core.io import read_json
 
 REPORT = "results/reports/ablation.html"
@@ -68,6 +68,15 @@ def test_metrics_tables_and_report(depth_run):
     assert "AbsRel" in page or "abs_rel" in page
     for stage in ("extract_features", "pretrain_head", "train_lowrank_proj"):
         assert not (depth_run / "results/logs" / f"{stage}.log").exists()
+
+
+def test_an_evaluation_setting_reruns_the_evaluations_not_the_teacher(depth_run, tmp_path):
+    """`depth.alignment` is read by evaluation only: the arms and references rerun, the teacher and ΔW do not."""
+    edit = write_yaml(tmp_path / "edit.yaml", "depth:\n  alignment: median\n")
+    result = snakemake(depth_run, "-n", REPORT, "--configfile", EXAMPLE, str(edit))
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = scheduled_jobs(result.stdout + result.stderr)
+    assert jobs == {"train_lora": 2 * len(STRATEGIES), "evaluate_references": 1, "collect": 1, "report": 1}, jobs
 
 
 def test_a_broken_scene_fails_before_any_job_naming_its_file(tmp_path):

@@ -35,7 +35,8 @@ class ModalityInfo:
     by; the built-in strategies (A / B / C) per model backend; the config keys of its tiny model
     (`model.<tiny>`) and synthetic dataset (`dataset.<synthetic>`), None where it has none; whether a dataset
     source holds the annotation files `dataset.splits` names (or is read as a whole); the config section its
-    objectives read beyond training (`task`); and the keys of `dataset` it reads.
+    objectives read beyond training (`task`), with the keys of it only evaluation reads (`task_evaluation_keys`: an
+    edit there must not retrain the teacher); and the keys of `dataset` it reads.
     """
 
     name: str
@@ -48,6 +49,7 @@ class ModalityInfo:
     synthetic: str | None
     split_files: bool = True
     task: str | None = None
+    task_evaluation_keys: tuple[str, ...] = ()
     dataset_keys: tuple[str, ...] = ("source", "splits", "synthetic")
 
 
@@ -59,7 +61,8 @@ INFO = {
                          tiny=None, synthetic=None),
     "depth": ModalityInfo("depth", ("depth",), "depth", False, Score("abs_rel", "AbsRel", False, None),
                           DEPTH_STRATEGIES, tiny="tiny_depth", synthetic="synthetic_scenes", split_files=False,
-                          task="depth", dataset_keys=("source", "eth3d", "synthetic_scenes")),
+                          task="depth", task_evaluation_keys=("alignment",),
+                          dataset_keys=("source", "eth3d", "synthetic_scenes")),
 }
 _MODULES = {"vision_language": "vision_language", "text": "text", "depth": "depth.modality"}
 

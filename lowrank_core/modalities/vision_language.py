@@ -77,24 +77,20 @@ class LoraStudent(nn.Module):
         model_inputs = {k: v for k, v in batch.items() if k not in BATCH_EXTRAS}
         if self.head is not None:
             grid_thw = batch["image_grid_thw"]
-            features = self._base().get_image_features(batch["pixel_values"], grid_thw, return_dict=True)
+            features = _base(self.model).get_image_features(batch["pixel_values"], grid_thw, return_dict=True)
             tokens = torch.stack(list(features.pooler_output))
             grid_h, grid_w = (int(v) // self.merge_size for v in grid_thw[0, 1:])
             out["image_logits"], out["map_logits"], pooled = self.head.outputs(tokens, grid_h, grid_w)
             if self.fusion is not None:
                 model_inputs.pop("pixel_values")
                 fused = self.fusion(torch.cat([tokens.mean(dim=1), pooled.to(tokens.dtype)], dim=-1))
-                embeds = self._base().get_input_embeddings()(batch["input_ids"])
+                embeds = _base(self.model).get_input_embeddings()(batch["input_ids"])
                 fused = fused.to(embeds.dtype).reshape(-1, embeds.shape[-1])
                 lm_kwargs = {"inputs_embeds": embeds.masked_scatter(batch["fusion_mask"].bool()[..., None], fused),
                              "mm_encoder_outputs": {"image": features}}
         if self.arm.objective not in ("head", "head_frozen"):
             out["lm"] = self.model(**model_inputs, **lm_kwargs, use_cache=False)
         return out
-
-    def _base(self) -> nn.Module:
-        """The transformers model under the PEFT wrapper (its modules carry the adapters)."""
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
 
 @dataclasses.dataclass
@@ -261,6 +257,7 @@ def label_blind_loss(answer_ids: dict[int, list[int]], labels: list[int]) -> flo
 
 
 def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (its modules carry the adapters)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 

@@ -59,7 +59,10 @@ class DepthStudent(nn.Module):
         return predict(self.model, batch["images"], self.inputs.backend, self.inputs.mean, self.inputs.std)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        prediction = self.outputs(batch)
+        return self.loss(batch, self.outputs(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor], prediction: DepthPrediction) -> torch.Tensor:
+        """The depth loss of `prediction` for `batch`."""
         target_pose = None
         if prediction.pose_encoding is not None:
             target_pose = pose_encoding_from_cameras(batch["extrinsics"], batch["intrinsics"],
@@ -159,8 +162,9 @@ class Depth(Modality):
         predictions, targets, losses, examples = [], [], [], []
         for start in tqdm(range(0, len(records), batch_size), desc="evaluate", unit="batch"):
             batch = batcher(records[start:start + batch_size])
-            losses.append(float(student(batch)))
-            predictions.append(student.outputs(batch).depth.flatten(0, 1))
+            prediction = student.outputs(batch)
+            losses.append(float(student.loss(batch, prediction)))
+            predictions.append(prediction.depth.flatten(0, 1))
             targets.append({key: batch[key].flatten(0, 1) for key in ("images", "depth", "eval_valid", "laser",
                                                                          "laser_valid")})
         depth = torch.cat(predictions)
