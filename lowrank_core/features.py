@@ -4,6 +4,15 @@ Each split becomes one safetensors file with `features` [N, T, C] (T = grid_h * 
 `labels` [N], `token_masks` [N, grid_h, grid_w] (tampered fraction of each token's cell) and `has_mask` [N];
 its metadata records the token grid, the image paths and the model / config provenance. Qwen2.5-VL-3B at
 448x448 gives [256, 2048] per image; the tiny default the same at tiny sizes.
+
+A model with DeepStack mergers (Qwen3-VL) has more than one output: the final merger's tokens, which the language
+model reads as its input at the image positions, and one set per DeepStack merger (from intermediate vision blocks),
+added to the hidden states of its first layers at those positions. The features are the final merger's tokens alone,
+as for Qwen2.5-VL (`get_image_features(...).pooler_output`): they are the image tokens the language model is given,
+the same width as its embeddings (what the detection head's `in_dim` is checked against), and what a student's head
+reads in training, so the cached features, the pre-trained head and the students' heads see the same thing.
+Concatenating the DeepStack levels would widen the low-rank study's matrices and the head's input fourfold with
+features the language model never receives as tokens. Qwen3-VL-2B at 512x512 gives [256, 2048] per image.
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ def extract_features(model_info_path: str | Path, manifest_path: str | Path, spl
         inputs = image_processor(images, size={"shortest_edge": pixels, "longest_edge": pixels}, return_tensors="pt")
         with torch.inference_mode():
             out = accelerator.unwrap_model(model).get_image_features(
-                inputs["pixel_values"].to(accelerator.device, model.dtype), inputs["image_grid_thw"].to(accelerator.device))
+                inputs["pixel_values"].to(accelerator.device, model.dtype),
+                inputs["image_grid_thw"].to(accelerator.device))
         chunks.extend(t.float().cpu() for t in getattr(out, "pooler_output", out))
         grid = _merged_grid(inputs["image_grid_thw"], image_processor.merge_size)
     grid_h, grid_w = grid

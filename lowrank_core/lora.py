@@ -3,8 +3,9 @@
 - A **preset** says which module kinds get adapters and with what r / alpha / dropout (PEFT `LoraConfig`);
 - a **strategy** says where: a selection per part of the model (`targets`), limited to the parts the objective
   runs and resolved to full module names;
-- the **init** is PEFT's (`random` = its default: Kaiming A, zero B; `gaussian`; `pissa`; `olora`) or `svd`: the
-  teacher's ΔW factors, so that the student starts at W_base + ΔW_r on every targeted module the teacher changed.
+- the **init** is PEFT's (`random` = its default: Kaiming A, zero B; `gaussian`; `pissa`; `olora`; `orthogonal`; the
+  data-driven `eva`, `corda`, `lora_ga`, see `inits`) or `svd`: the teacher's ΔW factors, so that the student starts
+  at W_base + ΔW_r on every targeted module the teacher changed.
   Factors exported with scaling s_Δ (B_Δ A_Δ s_Δ = ΔW_r) are rescaled by sqrt(s_Δ / s) to the student's own scaling
   s = alpha / r (alpha / sqrt(r) with rsLoRA), so any alpha convention gives the same starting weight.
 - the **objective** is the modality's (`modalities`): what the student adds to the model and what it minimises.
@@ -16,21 +17,23 @@ import dataclasses
 import importlib.metadata
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import PartialState
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, initialize_lora_eva_weights
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import __version__
 from .config import Section, require
 from .errors import CheckpointError, ConfigError
-from .grid import FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES
+from .grid import DATA_INITS, FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES
 from .head import HeadConfig
+from .inits import (MUTATING_INITS, CordaSettings, EvaSettings, LoraGASettings, attach, check_init, eva_state_dict,
+                    init_records, peft_init_options, preprocess, process_state, seed_dependent, teacher_cost)
 from .io import atomic_path, load_tensors, read_json, write_json
 from .modalities import get_modality
 from .modalities.base import Modality
@@ -78,6 +81,9 @@ class ArmConfig(Section):
     fusion_tokens: int = 2
     lm_weight: float = 1.0
     pissa_niter: int = 16
+    eva: EvaSettings = EvaSettings()
+    corda: CordaSettings = CordaSettings()
+    lora_ga: LoraGASettings = LoraGASettings()
     image_size: int | None = None
     depth: DepthTaskConfig = DepthTaskConfig()
 
@@ -87,6 +93,11 @@ class ArmConfig(Section):
         require(self.pissa_niter >= 0, key, "pissa_niter", "must not be negative (0: exact SVD)")
         require(not (self.init == "svd" and self.preset.use_dora), key, "grid.inits",
                 "svd sets W_base + ΔW_r through plain LoRA factors; it cannot start a preset with use_dora")
+        require(not (self.init in MUTATING_INITS and self.preset.use_dora), key, "grid.inits",
+                f"{self.init} takes its start out of the base weights, and PEFT's conversion of the trained adapter to "
+                "plain LoRA on the untouched base leaves DoRA's magnitude out; it cannot start a preset with use_dora")
+        require(self.init != "orthogonal" or self.preset.r % 2 == 0, key, "grid.inits",
+                f"orthogonal splits one r×r rotation in halves; it needs an even r (the preset's is {self.preset.r})")
         require(self.train.sharding == "none", f"{key}.train", "sharding",
                 "fsdp is for the teacher's full fine-tune; LoRA arms run data-parallel (resources.train_lora.gpu)")
 
@@ -119,27 +130,61 @@ def student_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def build_student(info: dict, arm: ArmConfig, head_path: str | Path | None = None,
-                  delta_dir: str | Path | None = None) -> tuple[nn.Module, list[str], object]:
-    """Load the base model (`info`: its model.json), put the arm's adapters on it with the arm's init, and add the
-    objective's parts (the modality's student). Returns the student, the resolved target-module names and the
-    processor."""
+                  delta_dir: str | Path | None = None, train_records: list | None = None,
+                  init_dir: str | Path | None = None) -> tuple[nn.Module, list[str], object]:
+    """Load the base model (`info`: its model.json) and start the arm's student on it (`start_student`). Returns the
+    student, the resolved target-module names and the processor."""
+    model, processor = get_modality(info["modality"]).load(info)
+    student, targets, _ = start_student(info, model, processor, arm, head_path, delta_dir, train_records, init_dir)
+    return student, targets, processor
+
+
+def start_student(info: dict, model: nn.Module, processor, arm: ArmConfig, head_path: str | Path | None = None,
+                  delta_dir: str | Path | None = None, train_records: list | None = None,
+                  init_dir: str | Path | None = None) -> tuple[nn.Module, list[str], dict]:
+    """Put the arm's adapters on the loaded base `model`, started by the arm's init, and add the objective's parts
+    (the modality's student; its fresh parts are drawn first, from the arm's seed).
+
+    The data-driven inits first preprocess the first `train_records` (`inits.preprocess`), cached in `init_dir` when
+    given: one file serves every seed of the arm, unless the student's fresh parts make it the seed's own. Returns the
+    student, the resolved target-module names and what the start cost: `init_seconds` (the adapters' initialisation
+    plus the preprocessing, as measured when it was computed; for svd plus the teacher's fine-tune and the ΔW export),
+    `init_peak_memory_mb` (the preprocessing's, the teacher's for svd, None for inits without either) and
+    `init_preprocessing` (`shared` by the arm's seeds, `per seed`, `teacher` or None).
+    """
     modality = get_modality(info["modality"])
-    model, processor = modality.load(info)
     targets = arm_targets(model, arm, modality, info.get("backend", "transformers"))
+    if arm.init in DATA_INITS and train_records is None:
+        raise CheckpointError(f"init {arm.init}: no training records given to preprocess")
+    check_init(model, targets, arm, modality, len(train_records or ()))
     log.info("%d target modules: %s", len(targets), ", ".join(targets))
+    started, spent, upstream, preprocessing = time.perf_counter(), 0.0, None, None
     torch.manual_seed(arm.seed)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=arm.preset.r, lora_alpha=arm.preset.alpha, lora_dropout=arm.preset.dropout, target_modules=targets,
-        use_rslora=arm.preset.use_rslora, use_dora=arm.preset.use_dora, init_lora_weights=_peft_init(arm)))
+    student = modality.student(model, arm, processor, head_path)
+    config = LoraConfig(r=arm.preset.r, lora_alpha=arm.preset.alpha, lora_dropout=arm.preset.dropout,
+                        target_modules=targets, use_rslora=arm.preset.use_rslora, use_dora=arm.preset.use_dora,
+                        **peft_init_options(arm))
+    if arm.init in DATA_INITS:
+        shared = not seed_dependent(student)
+        preprocessing = "shared" if shared else "per seed"
+        cache = Path(init_dir) / f"{arm.init}{'' if shared else f'-seed{arm.seed}'}.safetensors" if init_dir else None
+        records = train_records[:init_records(arm)]
+        identity = {"model": info["path"], "targets": targets, "records": [modality.record_id(r) for r in records],
+                    "arm": {k: v for k, v in arm.to_dict().items() if k != "seed" or not shared}}
+        spent = time.perf_counter()
+        tensors, upstream = preprocess(student, config, arm, modality.batcher(processor, arm), records, cache, identity)
+        spent = time.perf_counter() - spent
+        attach(model, arm.init, tensors)
+    student.model = get_peft_model(model, config, low_cpu_mem_usage=arm.init == "eva")
+    if arm.init == "eva":
+        initialize_lora_eva_weights(student.model, eva_state_dict=eva_state_dict(tensors), show_progress_bar=False)
+        log.info("eva ranks (r %d unless listed): %s", arm.preset.r, student.model.peft_config["default"].rank_pattern)
     if arm.init == "svd":
-        _init_from_delta(peft_model, delta_dir)
-    return modality.student(peft_model, arm, processor, head_path), targets, processor
-
-
-def _peft_init(arm: ArmConfig) -> bool | str:
-    if arm.init == "pissa":
-        return f"pissa_niter_{arm.pissa_niter}" if arm.pissa_niter else "pissa"
-    return {"random": True, "svd": True, "gaussian": "gaussian", "olora": "olora"}[arm.init]
+        _init_from_delta(student.model, delta_dir)
+        upstream, preprocessing = teacher_cost(delta_dir), "teacher"
+    seconds = time.perf_counter() - started - spent + (upstream["seconds"] if upstream else 0.0)
+    return student, targets, {"init_seconds": seconds, "init_peak_memory_mb": upstream and upstream["peak_memory_mb"],
+                              "init_preprocessing": preprocessing}
 
 
 def _init_from_delta(peft_model: PeftModel, delta_dir: str | Path | None) -> None:
@@ -176,25 +221,29 @@ def _init_from_delta(peft_model: PeftModel, delta_dir: str | Path | None) -> Non
 
 def train_lora(model_info_json: str | Path, manifest_json: str | Path, arm: ArmConfig, out_dir: str | Path,
                state_dir: str | Path, log_dir: str | Path, head_path: str | Path | None = None,
-               delta_dir: str | Path | None = None) -> dict:
+               delta_dir: str | Path | None = None, init_dir: str | Path | None = None) -> dict:
     """Train one arm for `arm.train.max_steps` steps and write it to `out_dir` atomically.
 
-    `out_dir` holds `adapter/` (PEFT format, plain LoRA: PiSSA / OLoRA adapters are converted), the parts the
-    objective trains beside it (a head, a fusion projection), `target_modules.json`, `history.csv` and
-    `train_stats.json`. Checkpoints go to `state_dir`, TensorBoard events to `log_dir`. Returns the stats.
+    `out_dir` holds `adapter/` (PEFT format, plain LoRA: adapters of inits that change the base weights, PiSSA /
+    OLoRA / CorDA / LoRA-GA, are converted), the parts the objective trains beside it (a head, a fusion projection),
+    `target_modules.json`, `history.csv` and `train_stats.json` (with the start's cost, see `start_student`).
+    Checkpoints go to `state_dir`, a data-driven init's preprocessing to `init_dir` (the arm's seeds share it; by
+    default `state_dir/init`), TensorBoard events to `log_dir`. Returns the stats.
     """
     info = read_json(model_info_json)
     splits = read_json(manifest_json)["splits"]
     modality = get_modality(info["modality"])
-    student, targets, processor = build_student(info, arm, head_path, delta_dir)
+    model, processor = modality.load(info)
+    student, targets, init_cost = start_student(info, model, processor, arm, head_path, delta_dir,
+                                                splits["train"]["records"], init_dir or Path(state_dir) / "init")
     batcher = modality.batcher(processor, arm)
     cfg = dataclasses.replace(arm.train, seed=arm.seed)
     train = Batches(splits["train"]["records"], cfg.batch_size, batcher, seed=cfg.seed, drop_last=True)
     val = Batches(splits["val"]["records"], cfg.batch_size, batcher)
     state_dir = Path(state_dir)
     initial_adapter = state_dir / "initial_adapter"
-    if arm.init in ("pissa", "olora"):  # the starting point PEFT converts the trained adapter against
-        state = PartialState()
+    if arm.init in MUTATING_INITS:  # the starting point PEFT converts the trained adapter against
+        state = process_state()
         if state.is_main_process:
             student.model.save_pretrained(initial_adapter, save_embedding_layers=False)
         state.wait_for_everyone()
@@ -214,7 +263,7 @@ def train_lora(model_info_json: str | Path, manifest_json: str | Path, arm: ArmC
         "samples_per_s": _mean(row["samples_per_s"] for row in result.history if row["step"] > 1),
         "steps": result.history[-1]["step"], "resumed_from_step": result.resumed_from_step,
         "device": result.device, "mixed_precision": result.mixed_precision, "processes": result.processes,
-        "parallelism": result.parallelism, **modality.train_counters(student),
+        "parallelism": result.parallelism, **init_cost, **modality.train_counters(student),
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft")}
         | {"lowrank_core": __version__},
     }

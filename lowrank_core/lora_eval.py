@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SMOOTHING_STEPS = 5
 TRAIN_KEYS = ("lr", "max_steps", "batch_size")  # the arm's optimisation settings, as table columns
 COST_KEYS = ("trainable_parameters", "total_parameters", "trainable_percent", "adapter_bytes", "peak_memory_mb",
-             "train_seconds", "samples_per_s")
+             "train_seconds", "samples_per_s", "init_seconds", "init_peak_memory_mb")  # init_*: `lora.start_student`
 
 
 def convergence(history_csv: str | Path, target_loss: float) -> dict:
@@ -88,6 +88,7 @@ def evaluate_arm(model_info_json: str | Path, manifest_json: str | Path, arm: Ar
     stats = read_json(Path(arm_dir) / "train_stats.json")
     metrics["cost"] = {k: v for k, v in stats.items() if k in COST_KEYS}
     metrics["train"] = {key: stats["train"][key] for key in TRAIN_KEYS}  # what the arm recorded it trained with
+    metrics["adapter"] = {"rank": arm.preset.r, "alpha": arm.preset.alpha}
     write_json(out_json, metrics)
     score = modality.info.score.column
     log.info("%s: %s %.4g", arm_dir, score, modality.table_row(metrics)[score] or math.nan)
@@ -144,7 +145,7 @@ def flat_row(metrics: dict, modality) -> dict:
     row = modality.table_row(metrics)
     row |= metrics.get("convergence") or {}
     row["delta_distance"] = (metrics.get("delta") or {}).get("relative_distance")
-    row |= {k: (metrics.get("train") or {}).get(k) for k in TRAIN_KEYS}
+    row |= {k: (metrics.get("train") or {}).get(k) for k in TRAIN_KEYS} | (metrics.get("adapter") or {})
     return row | {k: metrics["cost"].get(k) for k in COST_KEYS}
 
 

@@ -3,9 +3,10 @@
 `check_workflow` parses every section into the dataclass its jobs parse it into (every range check of the library
 runs), checks that the model and dataset sources exist, and resolves every arm against the base model's module
 tree, built on the meta device from its config alone (no weights are read). A preset's module kind or a strategy's
-layer range that matches nothing, an svd rank that ΔW is not exported at, a batch larger than the training split, a
-`delta.include` that matches no module: each fails here with one line naming the key, instead of in a job after the
-teacher has trained. The records themselves (images, masks, labels) are checked by the dataset job, which runs first.
+layer range that matches nothing, an svd rank that ΔW is not exported at, an init the targets or the modality cannot
+take, a batch (or an init's preprocessing) larger than the training split, a `delta.include` that matches no module:
+each fails here with one line naming the key, instead of in a job after the teacher has trained. The records
+themselves (images, masks, labels) are checked by the dataset job, which runs first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .delta import DeltaConfig
 from .errors import ConfigError
 from .features import FeatureConfig
 from .head import HeadConfig
+from .inits import check_init
 from .lora import ArmConfig, PresetConfig, arm_targets
 from .lowrank import LowrankConfig, allocator_steps, check_allocator_budget
 from .modalities import get_modality
@@ -65,7 +67,8 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
         if arm.init == "svd" and arm.preset.r > max(delta.ranks):
             raise ConfigError(f"delta.ranks: init svd with preset {entry['preset']} needs ΔW factors of rank "
                               f"{arm.preset.r} ({preset_key}.r), but the largest of delta.ranks is {max(delta.ranks)}")
-        arm_targets(skeleton, arm, modality, model.backend, strategy_key, preset_key)
+        check_init(skeleton, arm_targets(skeleton, arm, modality, model.backend, strategy_key, preset_key), arm,
+                   modality, train_records)
 
 
 def _check_model_source(model: ModelConfig) -> None:

@@ -133,10 +133,12 @@ def delta_finding(analysis: dict | None) -> Finding:
     most, least = max(groups, key=groups.get), min(groups, key=groups.get)
     where = (f"; at rank {key} the most low-rank group is {most} ({groups[most]:.0%}), the least {least} "
              f"({groups[least]:.0%})")
-    randomized = sum(m["method"] != "exact" for m in changed)
-    confidence = ("exact SVD of every changed module, of one teacher" if not randomized else
-                  f"{randomized} of {len(changed)} modules by randomized SVD (their energies are lower bounds), "
-                  "of one teacher")
+    approximate = sum(m["method"] != "exact" for m in changed)
+    worst = analysis.get("factor_rel_error_max")
+    checked = f", factors within {worst:.1g} of the exact ΔW_r" if worst is not None else ""
+    confidence = ("exact SVD of every changed module" if not approximate else
+                  f"exact SVD of {len(changed) - approximate} and a Gram-matrix SVD of {approximate} of the "
+                  f"{len(changed)} changed modules") + checked + ", of one teacher"
     return Finding(question, verdict + where + ".", confidence, "delta")
 
 
@@ -192,12 +194,16 @@ def _init_phrase(row: pd.Series, doing: str, better: str, worse: str, measure: s
 def axes_finding(grid: Grid | None) -> Finding:
     """Which preset, strategy and objective score best on the test metric, and at what cost, against the baseline?"""
     metric = grid.score.column if grid else CLASSIFICATION.column
-    question = f"Which preset, strategy and objective score best (test {metric}), at what cost?"
+    axes = ["preset", "strategy", "objective"]
+    if grid is not None and grid.runs["learning_rate"].nunique() > 1:
+        axes.append("learning_rate")
+    names = [axis.replace("_", " ") for axis in axes]
+    question = f"Which {', '.join(names[:-1])} and {names[-1]} score best (test {metric}), at what cost?"
     if grid is None or metric not in grid.runs or grid.runs[metric].isna().all():
         return Finding(question, f"Cannot be answered: no LoRA runs with a test {metric}.", "")
     means = arm_means(grid.runs, tuple(cost for cost, _ in COSTS if cost in grid.runs))
     clauses, seeds = [], set()
-    for axis in ("preset", "strategy", "objective"):
+    for axis in axes:
         compared = axis_comparisons(grid.runs, grid.baseline, metric, grid.score.higher_is_better, axes=(axis,))
         seeds |= set(compared["n"])
         clauses.append(_axis_clause(axis, grid.baseline[axis], compared, means, arm_label(grid.baseline),

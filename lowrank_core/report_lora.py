@@ -1,5 +1,6 @@
 """Report section of the LoRA ablation grid: the experiment table, full fine-tune vs LoRA, axis effects against the
-baseline arm, score against cost, ΔW distance per module group, loss curves.
+baseline arm, score against cost, score against a swept rank or learning rate, ΔW distance per module group, loss
+curves.
 
 Built from the grid's tables: `ablation.csv` (one row per arm × seed), `references.csv` (the base, the teacher and
 the teacher's rank-r ΔW merged into the base), `ablation_history.csv` (the training curves, long form) and, when
@@ -11,31 +12,32 @@ from __future__ import annotations
 import collections
 import html
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .grid import AXES
+from .grid import AXES, DEFAULT_LR, INITS
 from .modalities import CLASSIFICATION, Score
 from .report import ReportSection, figure_html, table
 from .stats import CONFIDENCE, arm_label, axis_comparisons, infer_baseline
 
 LORA_INPUTS = ("lora_table", "lora_references", "lora_history")  # the section's required inputs, in argument order
 AXIS_ORDER = {"objective": ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen"),
-              "init": ("random", "gaussian", "svd", "pissa", "olora")}  # the other axes keep their order in the grid
+              "init": INITS}  # the other axes keep their order in the grid
 METRICS = ("roc_auc", "accuracy", "f1", "pixel_iou", "lm_loss", "abs_rel", "delta1", "rmse", "mae", "laser_abs_rel",
            "laser_delta1", "test_loss", "delta_distance", "steps_to_target", "final_loss", "label_blind_loss",
            "positive_rate")
 COST = ("trainable_parameters", "trainable_percent", "adapter_bytes", "peak_memory_mb", "samples_per_s",
-        "train_seconds")
-SETTINGS = ("lr", "max_steps")
+        "train_seconds", "init_seconds", "init_peak_memory_mb")
+SETTINGS = ("rank", "alpha", "lr", "max_steps")
 EFFECT_METRICS = (("final_loss", False), ("delta_distance", False), ("samples_per_s", True))  # after the score
 EFFECT_KEYS = ("Δ", "ci_low", "ci_high", "verdict")
 PARETO_COSTS = (("trainable_parameters", "trainable parameters"), ("peak_memory_mb", "peak memory (MB)"),
                 ("train_seconds", "train time (s)"))
-COUNTS = ("seed", "steps_to_target", "trainable_parameters", "adapter_bytes", "max_steps")  # shown as integers
+COUNTS = ("seed", "steps_to_target", "trainable_parameters", "adapter_bytes", "max_steps", "rank")  # shown as integers
 MISSING = "–"
 SMOOTHING = 5  # steps of the rolling mean of the plotted training loss
 LINESTYLES = ("-", "--", ":", "-.")
@@ -92,6 +94,8 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
              "detection head or from the LM (<em>source</em>); <em>delta_distance</em> is "
              "‖ΔW<sub>LoRA</sub> − ΔW<sub>teacher</sub>‖<sub>F</sub> / ‖ΔW<sub>teacher</sub>‖<sub>F</sub>; "
              "<em>steps_to_target</em> the first step whose loss reached <em>target_loss</em> (– if never); "
+             "<em>init_seconds</em> / <em>init_peak_memory_mb</em> what reaching the start cost before training: "
+             "eva / corda / lora_ga's preprocessing of training data, svd's full fine-tune and ΔW export; "
              "<em>positive_rate</em> the share of test samples predicted positive. Click a column header to sort.</p>")
     shown = [column for column in (*AXES, "seed", "source", *METRICS, *COST, *SETTINGS) if column in runs]
     experiments = _sortable(runs[shown], COUNTS)
@@ -103,7 +107,7 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
         "if any) for LoRA, the full model's weights for the teacher. Ratios are LoRA / teacher.</p>")
     effects_intro = (
         f"<p>Each value of an axis against the baseline arm <code>{html.escape(arm_label(baseline))}</code>, the "
-        "other three axes at the baseline's, paired by seed: the value's mean, then Δ = value − baseline over the "
+        "other axes at the baseline's, paired by seed: the value's mean, then Δ = value − baseline over the "
         f"seeds both ran with its {CONFIDENCE:.0%} t-interval, and the verdict (<em>better</em> / <em>worse</em>: "
         "the interval excludes 0; <em>within noise</em>: it contains 0; <em>undetermined</em>: under two seeds). "
         "Lower is better for final_loss and delta_distance. Values only in arms that differ from the baseline on "
@@ -118,7 +122,7 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
             + '<h3 id="effects">Effect of each axis</h3>' + effects_intro
             + _sortable(_effects_display(axis_effects(runs, baseline, ((score.column, score.higher_is_better),
                                                                       *EFFECT_METRICS))))
-            + _pareto(runs, references, score) + distance
+            + _pareto(runs, references, score) + _sweeps(runs, baseline, score) + distance
             + '<h3 id="convergence">Convergence by init</h3>' + curves_intro
             + figure_html(_loss_curves(history), "training loss by init") + SORTABLE)
     return ReportSection("LoRA ablation grid", body, "lora")
@@ -216,6 +220,45 @@ def _pareto(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIF
             + figure_html(figure, f"test {metric} against cost") + "</div>")
 
 
+def _sweeps(runs: pd.DataFrame, baseline: dict, score: Score = CLASSIFICATION) -> str:
+    """Test `score` against the swept rank (`lora.grid.ranks`: the baseline's preset at each rank) and against the
+    swept learning rate (`lora.grid.lrs`), each with the other axes but init and objective at the baseline's: can
+    the winning init flip with the rank or the lr? Empty without a sweep."""
+    same = (runs["strategy"] == baseline["strategy"])
+    base_preset = re.sub(r"-r\d+$", "", baseline["preset"])
+    ranked = runs[same & (runs["learning_rate"] == baseline["learning_rate"])
+                  & runs["preset"].str.fullmatch(rf"{re.escape(base_preset)}-r\d+")]
+    rates = runs[same & (runs["preset"] == baseline["preset"]) & (runs["learning_rate"] != DEFAULT_LR)]
+    held = f"strategy {baseline['strategy']}"
+    return (_sweep(ranked, "rank", "rank r", "rank", f"preset {base_preset} (alpha by lora.grid.rank_alpha), {held}",
+                   score)
+            + _sweep(rates, "lr", "learning rate", "learning-rate", f"preset {baseline['preset']}, {held}", score))
+
+
+def _sweep(runs: pd.DataFrame, x: str, name: str, anchor: str, held: str, score: Score) -> str:
+    """Test `score` against the numeric column `x` of `runs`, one panel per objective, one line per init: mean over
+    seeds, error bars the std across seeds. Empty under two values of `x`."""
+    metric = score.column
+    if metric not in runs or x not in runs or runs[x].nunique() < 2:
+        return ""
+    objectives, inits = _ordered(runs["objective"], "objective"), _ordered(runs["init"], "init")
+    figure = Figure(figsize=(4.2 * len(objectives), 3.4), layout="constrained")
+    for axis, objective in zip(figure.subplots(1, len(objectives), squeeze=False).flat, objectives):
+        for init in inits:
+            points = runs[(runs["objective"] == objective) & (runs["init"] == init)].groupby(x)[metric]
+            if points.ngroups:
+                axis.errorbar(points.mean().index, points.mean(), yerr=points.std(), marker="o", ms=4, capsize=2,
+                              color=f"C{inits.index(init)}", label=init)
+        axis.set(xscale="log", title=objective, xlabel=name, ylabel=f"test {metric}")
+        axis.legend(fontsize=7)
+    figure.suptitle(f"test {metric} against {name}, by init")
+    intro = (f"<p>Test {metric} against the {name} ({html.escape(held)}; the same steps, schedule and batch "
+             "throughout): mean over seeds, error bars the std across seeds. Where the lines cross, which init wins "
+             f"depends on the {name}.</p>")
+    return (f'<div id="{anchor}"><h3>Score against {name}</h3>' + intro
+            + figure_html(figure, f"test {metric} against {name}") + "</div>")
+
+
 def _module_distance(distance: pd.DataFrame) -> str:
     """ΔW distance to the teacher per arm: a table and heat map per module group (tower/kind, mean over the group's
     layers), and a figure per layer (mean over kinds), one panel per tower with layers; means over seeds."""
@@ -296,12 +339,13 @@ def _loss_curves(history: pd.DataFrame) -> Figure:
     figure = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.4), layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False).flat
     for objective, axis in zip(objectives, axes):
-        arms = curves.loc[objective].reset_index()[["preset", "init", "strategy"]].drop_duplicates()
+        arms = curves.loc[objective].reset_index()[list(AXES[1:])].drop_duplicates()
         arms = arms.sort_values("init", key=lambda column: column.map(inits.index), kind="stable")
         drawn = collections.Counter()  # arms of each init already drawn: they differ by line style
-        for preset, init, strategy in arms.itertuples(index=False):
-            curve = curves.loc[(objective, preset, init, strategy)]
-            label = f"{init} ({preset}, {strategy})" if (arms["init"] == init).sum() > 1 else init
+        for preset, init, strategy, learning_rate in arms.itertuples(index=False):
+            curve = curves.loc[(objective, preset, init, strategy, learning_rate)]
+            lr = "" if learning_rate == DEFAULT_LR else f", lr {learning_rate}"
+            label = f"{init} ({preset}, {strategy}{lr})" if (arms["init"] == init).sum() > 1 else init
             colour = f"C{inits.index(init)}"
             axis.plot(curve.index, curve["mean"], color=colour, ls=LINESTYLES[drawn[init] % len(LINESTYLES)],
                       label=label)

@@ -5,7 +5,6 @@ Each builder reads the files its stage wrote; `stage_sections` picks the section
 
 from __future__ import annotations
 
-import collections
 import html
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from .delta import accuracy_line
 from .io import read_json
 from .modalities import CLASSIFICATION, Score
 from .report import ReportSection, figure_html, png_html, table
@@ -129,12 +129,10 @@ def delta_section(delta_dir: str | Path) -> ReportSection:
     rows = [{"group": name, "modules": g["modules"], "parameters": g["parameters"], "‖ΔW‖_F": g["frobenius_norm"],
              "‖ΔW‖_F / ‖W_base‖_F": g["relative_change"],
              **{f"energy r={r}": g["energy"][str(r)] for r in result["ranks"]}} for name, g in members]
-    methods = collections.Counter(module["method"] for module in result["modules"])
     intro = ("<p>ΔW = W_teacher − W_base of the targeted linear modules. <em>energy r</em>: Σσ²<sub>≤r</sub> / "
              "‖ΔW‖²<sub>F</sub> pooled over the group, the share of the fine-tune a rank-r LoRA initialised from the "
-             "exported SVD factors reproduces (relative error √(1 − energy)). SVD per module: "
-             + ", ".join(f"{count} {method}" for method, count in sorted(methods.items()))
-             + " (randomized energies are lower bounds).</p>")
+             "exported SVD factors reproduces (relative error √(1 − energy)). "
+             + html.escape(accuracy_line(result)) + ".</p>")
     summary = html.escape((delta_dir / "svd_summary.txt").read_text())
     body = (intro + table(rows) + png_html(delta_dir / "spectrum.png", "ΔW singular values")
             + png_html(delta_dir / "energy_vs_rank.png", "ΔW energy vs rank")

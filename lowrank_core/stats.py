@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .grid import AXES
+from .grid import AXES, arm_label
 
 CONFIDENCE = 0.95
 BETTER, WORSE, WITHIN_NOISE, UNDETERMINED = "better", "worse", "within noise", "undetermined"
@@ -53,13 +53,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float], higher_is_better: 
     return result | {"verdict": verdict}
 
 
-def arm_label(arm: dict) -> str:
-    """objective/preset/init/strategy, as in the result paths."""
-    return "/".join(str(arm[axis]) for axis in AXES)
-
-
 def compare_arms(runs: pd.DataFrame, arm: dict, reference: dict, metric: str, higher_is_better: bool) -> dict:
-    """`paired_difference` of `metric` between the runs of `arm` and of `reference` (dicts of the four axes),
+    """`paired_difference` of `metric` between the runs of `arm` and of `reference` (dicts of the axes),
     paired by `seed` over the seeds both ran, plus each side's mean over those seeds."""
     def per_seed(which: dict) -> pd.Series:
         rows = runs.loc[(runs[list(AXES)] == pd.Series(which)[list(AXES)]).all(axis=1)]
@@ -109,7 +104,7 @@ def convergence_steps(runs: pd.DataFrame) -> pd.Series:
 
 
 def init_comparisons(runs: pd.DataFrame, baseline: dict, reference: str = "random") -> pd.DataFrame:
-    """Every init other than `reference` against it, the other three axes at the baseline's, on steps to the target
+    """Every init other than `reference` against it, the other axes at the baseline's, on steps to the target
     loss (see `convergence_steps`) and ΔW distance to the teacher, both lower is better (`axis_comparisons` rows)."""
     runs = runs.assign(steps_to_target=convergence_steps(runs))
     reference_arm = {**baseline, "init": reference}

@@ -11,8 +11,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from lowrank_core.errors import ConfigError, exit_on_bad_input
-from lowrank_core.grid import FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES, PRESETS, VISION_OBJECTIVES
-from lowrank_core.grid import AXES, LISTS, arm_path, grid_arms, named_entries
+from lowrank_core.grid import DATA_INITS, FROZEN_HEAD_OBJECTIVES, INITS, OBJECTIVES, VISION_OBJECTIVES
+from lowrank_core.grid import AXES, arm_path, arm_train_settings, grid_arms, grid_presets, named_entries
 from lowrank_core.modalities import INFO
 
 
@@ -38,7 +38,8 @@ VISION = MODALITY.vision_features  # the feature, detection-head and low-rank pr
 ARCHS = config["lowrank"]["archs"]
 ARMS = exit_on_bad_input(grid_arms, config["lora"], MODALITY.objectives, STRATEGIES)  # one entry per arm and seed
 SEEDS = config["lora"]["grid"]["seeds"]
-ARM = "{objective}/{preset}/{init}/{strategy}"  # an arm's place under results/lora, results/eval, logs and state
+ARM = "{objective}/{preset}/{init}/{strategy}/lr_{learning_rate}"  # an arm's place under results/lora, results/eval,
+# logs and state (grid.arm_label)
 # the untrained base, the full fine-tune, and the base with the teacher's ΔW_r merged for each exported rank
 REFERENCES = ("base", "teacher", *(f"teacher_r{rank}" for rank in config["delta"]["ranks"]))
 HEAD_LOSS_KEYS = ("hidden", "dropout", "loc_loss", "loc_weight", "threshold")  # what an arm reads of `head`
@@ -51,6 +52,7 @@ wildcard_constraints:
     init="|".join(INITS),
     preset="[^/]+",
     strategy="[^/]+",
+    learning_rate="[^/]+",
 
 
 def config_slice(*keys):
@@ -67,30 +69,27 @@ def lowrank_settings():
 
 
 def arm_settings(wildcards):
-    """What one arm reads of the config: its preset and strategy, its objective's training settings and other
-    settings (its seeds are a separate param)."""
+    """What one arm reads of the config: its preset and strategy, its objective's training settings with the arm's
+    learning rate, and other settings (its seeds are a separate param)."""
     lora = config_slice("lora")
     settings = {"objective": wildcards.objective, "init": wildcards.init,
-                "preset": named_entries(PRESETS, lora["presets"])[wildcards.preset],
+                "preset": grid_presets(lora)[wildcards.preset],
                 "strategy": named_entries(STRATEGIES, lora["strategies"])[wildcards.strategy],
-                "train": objective_train(lora, wildcards.objective), **task_settings()}
+                "train": arm_train_settings(lora, wildcards.objective, wildcards.learning_rate), **task_settings()}
     if wildcards.objective in VISION_OBJECTIVES:
         settings["head"] = {key: config["head"][key] for key in HEAD_LOSS_KEYS}
     if wildcards.objective.startswith("hybrid"):
         settings |= {key: lora[key] for key in ("fusion_tokens", "lm_weight")}
     if wildcards.init == "pissa":
         settings["pissa_niter"] = lora["pissa_niter"]
+    if wildcards.init in DATA_INITS:
+        settings[wildcards.init] = lora[wildcards.init]
     return settings
-
-
-def objective_train(lora, objective):
-    """`lora.train` with the objective's `lora.train_by_objective` entry over it: the settings its arms train with."""
-    return {**lora["train"], **lora["train_by_objective"].get(objective, {})}
 
 
 def grid_baseline():
     """The baseline arm the report compares every axis value with: the first entry of each `lora.grid` list."""
-    return {axis: config["lora"]["grid"][LISTS[axis]][0] for axis in AXES}
+    return {axis: ARMS[0][axis] for axis in AXES}  # grid_arms puts it first on either design
 
 
 def task_settings(training_only=False):

@@ -79,3 +79,18 @@ def scheduled_jobs(output: str) -> dict[str, int]:
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def assert_reloads_to_trained(trained, adapter_dir: Path, model_dir: Path, batch: dict) -> None:
+    """A saved adapter on a fresh base reproduces the trained student's logits (as is and merged), which differ from
+    the base's."""
+    from peft import PeftModel
+
+    from lowrank_core.modeling import load_model
+
+    reloaded = PeftModel.from_pretrained(load_model(model_dir), adapter_dir)
+    with torch.no_grad():
+        expected = trained.eval().model(**batch).logits
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reloaded.merge_and_unload()(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(load_model(model_dir)(**batch).logits, expected, atol=1e-3)

@@ -1,5 +1,5 @@
-"""ΔW export: exact factors and energies, streaming over single-file and sharded checkpoints, bounded memory,
-module naming, and clean refusals of mismatched or missing checkpoints."""
+"""ΔW export: exact factors and energies, their a-posteriori accuracy check, streaming over single-file and sharded
+checkpoints, bounded memory, module naming, and clean refusals of mismatched or missing checkpoints."""
 
 import errno
 import json
@@ -10,20 +10,26 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowrank_core import delta as delta_module
 from lowrank_core.delta import (
+    Checkpoint,
     DeltaConfig,
     analyse_deltas,
     export_delta,
+    factor_errors,
     lora_factors,
+    may_rename,
     module_group,
     top_singular_triplets,
 )
 from lowrank_core.errors import CheckpointError, ConfigError
 from lowrank_core.io import load_tensors, read_json
+from lowrank_core.modalities.depth.models import TinyDepthSpec, tiny_depth_config
+from lowrank_core.modeling import TINY_ARCHS, TinyModelSpec, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +99,7 @@ def pair(tmp_path):
 
 
 @pytest.mark.parametrize("alpha", [None, 16.0])
-@pytest.mark.parametrize("threshold", [1000, 0], ids=["exact", "randomized"])
+@pytest.mark.parametrize("threshold", [1000, 0], ids=["exact", "gram"])
 def test_factors_reconstruct_the_truncated_svd_of_numpy(tmp_path, alpha, threshold):
     delta = with_spectrum(96, 80, 0.7 ** np.arange(40))
     base = torch.randn(96, 80, generator=torch.Generator().manual_seed(0))
@@ -104,7 +110,7 @@ def test_factors_reconstruct_the_truncated_svd_of_numpy(tmp_path, alpha, thresho
     cfg = DeltaConfig(ranks=(4, 8), alpha=alpha, full_spectrum_threshold=threshold)
     result = export_delta(tmp_path / "base", tmp_path / "teacher", tmp_path / "out", cfg)
 
-    assert result["modules"][0]["method"] == ("exact" if threshold else "randomized")
+    assert result["modules"][0]["method"] == ("exact" if threshold else "gram")
     actual_delta = (teacher.double() - base.double()).numpy()
     U, S, Vh = np.linalg.svd(actual_delta)
     for r in (4, 8):
@@ -117,13 +123,13 @@ def test_factors_reconstruct_the_truncated_svd_of_numpy(tmp_path, alpha, thresho
         np.testing.assert_allclose((B.double() @ A.double()).numpy() * scaling, expected, atol=1e-5 * S[0])
 
 
-def test_randomized_energy_matches_a_known_spectrum():
+def test_gram_energy_matches_a_known_spectrum():
     sigma = 1.0 / np.arange(1, 385)
     delta = torch.tensor(with_spectrum(512, 384, sigma), dtype=torch.float32)
     cfg = DeltaConfig(ranks=(4, 16, 64), full_spectrum_threshold=0)
     record = analyse_deltas([("m", delta, 1.0)], {"m": list(delta.shape)}, cfg).modules[0]
 
-    assert record["method"] == "randomized" and len(record["singular_values"]) == 64
+    assert record["method"] == "gram" and len(record["singular_values"]) == 64 + cfg.oversampling
     np.testing.assert_allclose(record["singular_values"][:16], sigma[:16], rtol=1e-4)
     for r in (4, 16, 64):
         exact = (sigma[:r] ** 2).sum() / (sigma ** 2).sum()
@@ -132,8 +138,8 @@ def test_randomized_energy_matches_a_known_spectrum():
 
 
 def test_reported_error_is_the_reconstruction_error_of_the_exported_factors():
-    delta = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))  # flat spectrum: SVD is inexact
-    cfg = DeltaConfig(ranks=(8, 32), full_spectrum_threshold=0, power_iterations=1, alpha=8.0)
+    delta = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))  # flat spectrum
+    cfg = DeltaConfig(ranks=(8, 32), full_spectrum_threshold=0, oversampling=2, alpha=8.0)
     analysis = analyse_deltas([("m", delta, 1.0)], {"m": list(delta.shape)}, cfg)
     record, (U, S, Vh) = analysis.modules[0], analysis.triplets["m"]
     exact = torch.linalg.svdvals(delta.double())
@@ -150,6 +156,94 @@ def test_exact_svd_keeps_the_full_spectrum_of_small_matrices():
     U, S, Vh, spectrum, method = top_singular_triplets(delta, 8, DeltaConfig(full_spectrum_threshold=64))
     assert method == "exact" and spectrum.shape == (30,) and U.shape == (40, 8) and Vh.shape == (8, 30)
     np.testing.assert_allclose(spectrum.numpy(), np.linspace(2, 1, 30), rtol=1e-5)
+
+
+def slow_decay(m, n, seed=0):
+    """A float32 [m, n] ΔW with σ_i ∝ i^-0.5 plus Gaussian noise: the flat spectrum of a real fine-tune."""
+    rng = np.random.default_rng(seed + 1)
+    delta = with_spectrum(m, n, np.arange(1, min(m, n) + 1) ** -0.5, seed) + 0.05 * rng.normal(size=(m, n)) / n ** 0.5
+    return torch.tensor(delta, dtype=torch.float32)
+
+
+def numpy_truncations(delta, ranks):
+    """r -> the exact ΔW_r of numpy.linalg.svd, in float64."""
+    U, S, Vh = np.linalg.svd(delta.double().numpy(), full_matrices=False)
+    return {r: (U[:, :r] * S[:r]) @ Vh[:r] for r in ranks}
+
+
+def factor_error(triplets, rank, exact):
+    """‖B A − ΔW_r‖_F / ‖ΔW_r‖_F of the exported (float32) rank-`rank` factors."""
+    B, A = lora_factors(*triplets, rank, 1.0)
+    return np.linalg.norm((B.double() @ A.double()).numpy() - exact) / np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("shape", [(160, 400), (400, 160)], ids=["wide", "tall"])
+def test_factors_of_a_slow_decay_matrix_match_numpy_within_the_recorded_error(shape):
+    delta = slow_decay(*shape)
+    cfg = DeltaConfig(ranks=(4, 16, 64), full_spectrum_threshold=0)
+    analysis = analyse_deltas([("m", delta, 1.0)], {"m": list(shape)}, cfg)
+    record = analysis.modules[0]
+
+    assert record["method"] == "gram" and not record["fallback"]
+    for r, exact in numpy_truncations(delta, cfg.ranks).items():
+        error, recorded = factor_error(analysis.triplets["m"], r, exact), record["factor_rel_error"][str(r)]
+        assert error <= recorded <= 1e-3 and recorded < 30 * error
+
+
+def perturbed_basis(delta, eps, seed=0):
+    """A stand-in for `_gram_basis`: the exact top-q singular basis of the shorter side, `eps` off."""
+    U, _, Vh = np.linalg.svd(delta.double().numpy(), full_matrices=False)
+    exact = U if delta.shape[0] <= delta.shape[1] else Vh.T
+
+    def basis(matrix, q):
+        noise = np.random.default_rng(seed).normal(size=(exact.shape[0], q))
+        return torch.linalg.qr(torch.tensor(exact[:, :q] + eps * noise)).Q
+    return basis
+
+
+@pytest.mark.parametrize("shape", [(120, 300), (300, 120)], ids=["wide", "tall"])
+def test_the_recorded_error_tracks_the_true_error_of_inexact_factors(shape, monkeypatch):
+    delta = slow_decay(*shape)
+    cfg = DeltaConfig(ranks=(4, 16, 64), full_spectrum_threshold=0, factor_tolerance=None)
+    truncations = numpy_truncations(delta, cfg.ranks)
+    for eps in (1e-6, 1e-4, 1e-2):
+        monkeypatch.setattr(delta_module, "_gram_basis", perturbed_basis(delta, eps))
+        U, S, Vh, spectrum, method = top_singular_triplets(delta, 64, cfg)
+        recorded = factor_errors(delta, U, S, Vh, cfg.ranks, float(spectrum[-1]))
+        for r, exact in truncations.items():
+            error = factor_error((U.float(), S.float(), Vh.float()), r, exact)
+            assert error > eps and error <= recorded[r] <= 3 * error, (eps, r)
+
+
+def test_factors_over_the_tolerance_fall_back_to_the_exact_svd(monkeypatch):
+    delta = slow_decay(120, 300)
+    monkeypatch.setattr(delta_module, "_gram_basis", perturbed_basis(delta, 1e-2))
+    shapes = {"m": [120, 300]}
+    recorded = analyse_deltas([("m", delta, 1.0)], shapes, DeltaConfig(ranks=(4, 16), full_spectrum_threshold=0,
+                                                                        factor_tolerance=None)).modules[0]
+    assert recorded["method"] == "gram" and not recorded["fallback"] and recorded["factor_rel_error"]["16"] > 1e-2
+
+    analysis = analyse_deltas([("m", delta, 1.0)], shapes, DeltaConfig(ranks=(4, 16), full_spectrum_threshold=0))
+    record = analysis.modules[0]
+    assert record["method"] == "exact" and record["fallback"] and len(record["singular_values"]) == 120
+    for r, exact in numpy_truncations(delta, (4, 16)).items():
+        assert factor_error(analysis.triplets["m"], r, exact) <= record["factor_rel_error"][str(r)] < 1e-5
+
+
+def test_degenerate_rank_deficient_and_zero_deltas():
+    """Equal singular values through the subspace leave the gram factors uncertifiable (c = σ_k): exact SVD instead;
+    a rank-2 ΔW keeps its gram factors (exact); a zero ΔW has no error to report."""
+    orthogonal = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0))).Q
+    rank_two = orthogonal[:, :2] @ orthogonal[:2]
+    cfg = DeltaConfig(ranks=(4, 8), full_spectrum_threshold=0, oversampling=2)
+    deltas = {"flat": orthogonal, "rank_two": rank_two, "zero": torch.zeros(64, 64)}
+    analysis = analyse_deltas(((n, d, 1.0) for n, d in deltas.items()), {n: [64, 64] for n in deltas}, cfg)
+    flat, low, zero = analysis.modules
+    assert (flat["method"], flat["fallback"]) == ("exact", True) and flat["factor_rel_error"]["8"] < 1e-5
+    assert (low["method"], low["fallback"]) == ("gram", False) and low["factor_rel_error"]["8"] < 1e-5
+    assert zero["factor_rel_error"] == {"4": None, "8": None} and not zero["fallback"]
+    B, A = lora_factors(*analysis.triplets["rank_two"], 8, 1.0)
+    torch.testing.assert_close(B @ A, rank_two, atol=1e-6, rtol=0)
 
 
 def test_export_selects_linear_weights_and_writes_every_output(pair, tmp_path):
@@ -177,6 +271,13 @@ def test_export_selects_linear_weights_and_writes_every_output(pair, tmp_path):
     assert set(result["groups"]["by_layer"]) == {"language/0", "language/1", "vision/0"}
     assert result["groups"]["all"]["modules"] == 7
     assert "Energy captured" in (out / "svd_summary.txt").read_text()
+    for module in result["modules"]:
+        assert not module["fallback"] and set(module["factor_rel_error"]) == {"4", "8"}
+        assert all(0 < error < 1e-5 for error in module["factor_rel_error"].values())
+    assert result["factor_rel_error_max"] == max(e for m in result["modules"] for e in m["factor_rel_error"].values())
+    assert f"max relative error against the exact ΔW_r (a posteriori) {result['factor_rel_error_max']:.2g} " \
+           "(tolerance 0.001); SVD per module: 7 exact (0 exact after missing the tolerance)" in \
+           (out / "svd_summary.txt").read_text()
 
     with safe_open(str(out / "factors_r8.safetensors"), "pt") as f:
         assert set(f.keys()) == {f"{n}.lora_{s}" for n in names for s in "AB"}
@@ -261,6 +362,63 @@ def test_legacy_qwen2_5_vl_layout_is_renamed_to_module_names(tmp_path):
     assert "model.visual.blocks.0.attn.qkv.lora_A" in factors
 
 
+class TinyVocab:
+    """What `modeling.tiny_config` reads of a tokenizer: its size and its special tokens' ids."""
+
+    def __init__(self):
+        self.ids = {}
+
+    def __len__(self):
+        return 64
+
+    def convert_tokens_to_ids(self, token):
+        return self.ids.setdefault(token, len(self.ids))
+
+
+def tiny_transformers_model(arch):
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=64))
+    if arch == "depth_anything":
+        return transformers.DepthAnythingForDepthEstimation(tiny_depth_config(TinyDepthSpec()))
+    return getattr(transformers, TINY_ARCHS[arch].model)(tiny_config(TinyModelSpec(arch=arch), TinyVocab()))
+
+
+@pytest.mark.parametrize("arch, renamed", [("llama", False), ("qwen3_vl", False), ("qwen2_5_vl", True),
+                                           ("depth_anything", True)])
+def test_keys_get_transformers_renaming_built_only_where_it_may_rename(tmp_path, arch, renamed):
+    """Qwen2.5-VL saves `visual.*` / `model.layers.*` and Depth Anything's DINOv2 `attention.attention.query`, not
+    their module names; Llama and Qwen3-VL save their module names. `may_rename` spares building the model (and
+    importing transformers) only where transformers' own renaming, from the model skeleton, renames nothing."""
+    model = tiny_transformers_model(arch)
+    model.save_pretrained(tmp_path)
+    config = read_json(tmp_path / "config.json")
+    checkpoint = Checkpoint(tmp_path)
+    exact = delta_module._skeleton_renamer(tmp_path, config["architectures"][0])
+
+    assert may_rename(config, checkpoint.files) == renamed
+    assert checkpoint.keys == {exact(key): key for key in checkpoint.files}
+    assert set(checkpoint.keys) <= set(model.state_dict())
+    assert (checkpoint.keys.keys() != set(checkpoint.files)) == renamed
+    if arch == "depth_anything":
+        assert checkpoint.keys["backbone.encoder.layer.0.attention.q_proj.weight"] == \
+            "backbone.encoder.layer.0.attention.attention.query.weight"
+
+
+def test_may_rename_where_a_legacy_renaming_matches_or_the_model_type_is_unknown(tmp_path):
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    assert not may_rename(llama, ["model.layers.0.mlp.up_proj.weight"])
+    assert may_rename(llama, ["model.language_model.model.layers.0.mlp.up_proj.weight"])
+    assert may_rename({"architectures": ["NovelForCausalLM"], "model_type": "novel"}, ["model.layers.0.weight"])
+
+    tiny_transformers_model("llama").save_pretrained(tmp_path)
+    probe = "import sys; from lowrank_core.delta import Checkpoint; Checkpoint(sys.argv[1]); print('transformers' in " \
+            "sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+
+
 def test_mismatched_shapes_are_refused_naming_the_tensor_and_both_files(tmp_path):
     base = toy_model()
     teacher = fine_tuned(base)
@@ -307,7 +465,8 @@ def test_missing_checkpoints_are_refused(pair, tmp_path):
     ({"ranks": ["8"]}, r"delta\.ranks\[0\]: expected int"),
     ({"include": "(unclosed"}, r"delta\.include: not a valid regular expression"),
     ({"alpha": 0}, r"delta\.alpha: must be positive"),
-    ({"power_iterations": -1}, r"delta\.power_iterations: must be at least 0"),
+    ({"factor_tolerance": 0}, r"delta\.factor_tolerance: must be positive"),
+    ({"power_iterations": 4}, r"delta\.power_iterations: unknown key"),
     ({"rank": 8}, r"delta\.rank: unknown key"),
 ])
 def test_config_rejects_bad_values(data, message):
@@ -365,15 +524,15 @@ def test_a_failed_write_leaves_no_half_written_output(pair, tmp_path, monkeypatc
     """A full disk while the factors are written: no output directory, no temporary left behind."""
     base, teacher = pair
     calls = {"n": 0}
-    save_file = delta_module.save_tensors
+    write = delta_module.FactorFiles.write
 
     def disk_fills_up(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return save_file(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(delta_module, "save_tensors", disk_fills_up)
+    monkeypatch.setattr(delta_module.FactorFiles, "write", disk_fills_up)
     with pytest.raises(OSError, match="No space left"):
         export_delta(base, teacher, tmp_path / "out", DeltaConfig(ranks=(2, 4)))
     assert list(tmp_path.glob("*out*")) == []

@@ -47,7 +47,7 @@ def test_trainable_parameters_rise_from_strategy_a_to_c_and_only_layers_peft_tak
     trainable = runs[runs["init"] == "random"].groupby("strategy")["trainable_parameters"].first()
     assert trainable["head_only"] < trainable["later_half"] < trainable["all"]
     for strategy in STRATEGIES:
-        arm = depth_run / f"results/lora/depth/full/random/{strategy}/seed0"
+        arm = depth_run / f"results/lora/depth/full/random/{strategy}/lr_default/seed0"
         targets = read_json(arm / "target_modules.json")  # PEFT's adapter_config.json shortens long lists to suffixes
         with safe_open(arm / "adapter/adapter_model.safetensors", "pt") as adapter:
             adapted = {re.sub(r"^base_model\.model\.|\.lora_[AB]\.weight$", "", key) for key in adapter.keys()}

@@ -32,12 +32,20 @@ CASES = [
     ("lora:\n  presets:\n    full: {use_dora: true}\n",
      r"ConfigError: lora\.grid\.inits: svd sets W_base \+ ΔW_r through plain LoRA factors; it cannot start a preset "
      r"with use_dora"),
+    # an init the preset or the training split cannot start
+    ("lora:\n  presets:\n    full: {r: 7}\n  grid:\n    inits: [random, orthogonal]\n",
+     r"ConfigError: lora\.grid\.inits: orthogonal splits one r×r rotation in halves; it needs an even r "
+     r"\(the preset's is 7\)"),
+    ("lora:\n  eva: {batches: 41}\n  grid:\n    inits: [random, eva]\n",
+     r"ConfigError: lora\.eva\.batches: eva preprocessing reads 328 training records, more than the 320 there are"),
     # unknown grid entries, schema ranges, library range checks
     ("lora:\n  grid:\n    presets: [standard, nope]\n",
      r"ConfigError: lora\.grid\.presets: unknown preset 'nope' \(known: .*\)"),
     ("head:\n  dropout: 1.5\n", r"ConfigError: head\.dropout: 1\.5 is greater than or equal to the maximum of 1"),
     ("model:\n  tiny:\n    text_heads: 3\n",
      r"ConfigError: model\.tiny\.text_hidden_size: must be divisible by text_heads"),
+    ("model:\n  tiny:\n    arch: qwen4_vl\n",
+     r"ConfigError: model\.tiny\.arch: 'qwen4_vl' is not one of \['qwen2_5_vl', 'qwen3_vl'\]"),
     ("teacher:\n  warmup_steps: 500\n", r"ConfigError: teacher\.warmup_steps: must be in \[0, max_steps\]"),
     ("lora:\n  train:\n    negative_word: tampered\n",
      r"ConfigError: lora\.train\.negative_word: must differ from positive_word"),
@@ -110,6 +118,12 @@ DEPTH_CASES = [
     ("lora:\n  grid:\n    objectives: [depth, lm]\n",
      r"ConfigError: lora\.grid\.objectives: unknown objective 'lm' \(known: depth\)"),
     ("teacher:\n  batch_size: 40\n", r"ConfigError: teacher\.batch_size: 40 is more than the 39 training records"),
+    # inits the depth batches or the convolutions in the strategies cannot take
+    ("lora:\n  grid:\n    inits: [random, corda]\n",
+     r"ConfigError: lora\.grid\.inits: corda is not available for model\.modality depth: PEFT's covariance hook"),
+    ("lora:\n  grid:\n    inits: [random, eva]\n",
+     r"ConfigError: lora\.grid\.inits: eva initialises linear layers only, but the arm's strategy also targets "
+     r"\d+ other modules \(head\."),
     ("model:\n  backend: vggt\n", r"ConfigError: model\.source: the tiny model is a transformers model"),
     ("dataset:\n  eth3d:\n    split: {train: 0.5, val: 0.1, test: 0.1}\n", r"ConfigError: dataset\.eth3d\.split: .*"),
     ("dataset:\n  source: /nonexistent/eth3d\n",

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from lowrank_core.delta import DeltaConfig, analyse_deltas, summarise_groups
+from lowrank_core.grid import AXES, arm_path
 from lowrank_core.modalities import Score
 from lowrank_core.report_findings import (Grid, axes_finding, chance_warnings, delta_finding, findings_section,
                                           fine_tune_finding, grid_warnings, history_warnings, init_finding,
                                           label_blind_warnings, lowrank_finding, nan_warnings, noise_warnings,
                                           teacher_warnings, warnings_section)
 
-BASELINE = {"objective": "lm", "preset": "standard", "init": "random", "strategy": "later_half"}
+BASELINE = {"objective": "lm", "preset": "standard", "init": "random", "strategy": "later_half",
+            "learning_rate": "default"}
 NOISE = (0.0, 0.01, -0.01)  # per seed, shared by every arm: it cancels in paired differences
 
 
@@ -58,6 +60,15 @@ def grid_of(runs: pd.DataFrame, references: pd.DataFrame | None = None) -> Grid:
 
 
 FULL, LIGHT, SVD, ALL = (("preset", "full"),), (("preset", "light"),), (("init", "svd"),), (("strategy", "all"),)
+
+
+def test_a_swept_learning_rate_is_answered_like_the_other_axes():
+    swept = grid_of(runs_of({(): {}, (("learning_rate", "0.01"),): {"roc_auc": [0.8, 0.81, 0.79]}}))
+    finding = axes_finding(swept)
+    assert finding.question.startswith("Which preset, strategy, objective and learning rate score best")
+    assert finding.answer.endswith("learning_rate: 0.01 scores best (0.8 vs 0.7 for default, Δ +0.1 [+0.1, +0.1]) "
+                                   "at 1× the trainable parameters, 1× the train time, 1× the peak memory of default.")
+    assert "learning rate" not in axes_finding(grid_of(runs_of({(): {}}))).question
 
 
 def test_the_winning_preset_is_claimed_only_when_its_interval_supports_it():
@@ -248,9 +259,8 @@ def write_inputs(directory, runs: pd.DataFrame, references: pd.DataFrame, teache
     (directory / "teacher").mkdir()
     history_of(teacher_val, [1.0, 0.6, 0.4][: len(teacher_val)]).drop(columns="arm").to_csv(
         directory / "teacher" / "history.csv", index=False)
-    history = pd.concat([history_of([1.0, 0.8], [1.0, 0.5], f"{'/'.join(row[:4])}/seed{row[4]}").assign(
-        **dict(zip(("objective", "preset", "init", "strategy", "seed"), row)))
-        for row in runs[["objective", "preset", "init", "strategy", "seed"]].itertuples(index=False)])
+    history = pd.concat([history_of([1.0, 0.8], [1.0, 0.5], arm_path(row)).assign(**row)
+                         for row in runs[[*AXES, "seed"]].to_dict("records")])
     files = {"lora_table": directory / "ablation.csv", "lora_references": directory / "references.csv",
              "lora_history": directory / "history.csv", "teacher": directory / "teacher"}
     runs.to_csv(files["lora_table"], index=False)

@@ -28,9 +28,9 @@ def arm_row(objective: str, init: str, seed: int, preset: str = "standard", stra
     offset = 0.01 * seed + (0.1 + 0.01 * seed ** 2 if init == "svd" else 0.0)
     head = objective != "lm"
     return {
-        "objective": objective, "preset": preset, "init": init, "strategy": strategy, "seed": seed,
-        "source": "head" if head else "lm", "accuracy": 0.6 + offset, "f1": 0.55 + offset, "roc_auc": 0.7 + offset,
-        "average_precision": 0.65 + offset, "pixel_f1": 0.3 + offset if head else np.nan,
+        "objective": objective, "preset": preset, "init": init, "strategy": strategy, "learning_rate": "default",
+        "seed": seed, "source": "head" if head else "lm", "accuracy": 0.6 + offset, "f1": 0.55 + offset,
+        "roc_auc": 0.7 + offset, "average_precision": 0.65 + offset, "pixel_f1": 0.3 + offset if head else np.nan,
         "pixel_iou": 0.2 + offset if head else np.nan, "lm_loss": np.nan if objective == "head" else 3.0 - offset,
         "perplexity": np.nan if objective == "head" else 20.0, "lm_roc_auc": np.nan if head else 0.7 + offset,
         "final_loss": 1.0 - offset, "final_val_loss": 1.1 - offset, "initial_loss": 2.0,
@@ -49,11 +49,12 @@ def write_grid(directory, arms: list[tuple[str, str, str]], seeds: int) -> dict[
     history = pd.DataFrame([
         {"step": step, "loss": 2.0 / step + 0.05 * seed + (0.2 if init == "random" else 0.0), "lr": 1e-3,
          "samples_per_s": 50.0, "val_loss": 1.5 if step == 10 else np.nan,
-         "arm": f"{objective}/{preset}/{init}/all/seed{seed}", "objective": objective, "preset": preset,
-         "init": init, "strategy": "all", "seed": seed}
+         "arm": f"{objective}/{preset}/{init}/all/lr_default/seed{seed}", "objective": objective, "preset": preset,
+         "init": init, "strategy": "all", "learning_rate": "default", "seed": seed}
         for seed in range(seeds) for objective, init, preset in arms for step in range(1, 11)])
     distance = pd.DataFrame([
-        {"objective": objective, "preset": preset, "init": init, "strategy": "all", "seed": seed, "tower": tower,
+        {"objective": objective, "preset": preset, "init": init, "strategy": "all", "learning_rate": "default",
+         "seed": seed, "tower": tower,
          "kind": kind, "layer": layer if layers else None,
          "relative_distance": 0.5 + 0.1 * layer + 0.01 * seed + (0.2 if init == "random" else 0.0)}
         for seed in range(seeds) for objective, init, preset in arms
@@ -137,7 +138,8 @@ def test_full_fine_tune_vs_lora_gives_lora_over_teacher_ratios(section_html):
 
 def test_axis_effects_are_paired_differences_against_the_baseline(grid, section_html):
     runs = pd.read_csv(grid["lora_table"])
-    baseline = {"objective": "head", "preset": "standard", "init": "random", "strategy": "all"}
+    baseline = {"objective": "head", "preset": "standard", "init": "random", "strategy": "all",
+                "learning_rate": "default"}
     effects = axis_effects(runs, baseline).set_index(["axis", "value"])
     # every value one axis away from the baseline; hybrid/pissa differs on two axes and stays out
     assert list(effects.index) == [("objective", "lm"), ("preset", "small"), ("init", "svd")]
@@ -204,3 +206,40 @@ def test_one_seed_gives_no_interval_and_an_undetermined_verdict(tmp_path):
 def test_stage_sections_add_the_section_only_with_all_three_tables(grid):
     assert [s.title for s in stage_sections(grid)] == ["LoRA ablation grid"]
     assert stage_sections({name: path for name, path in grid.items() if name != "lora_history"}) == []
+
+
+def test_an_lr_sweep_gets_its_figure_and_no_sweep_gets_none(grid, section_html, tmp_path):
+    assert 'id="learning-rate"' not in section_html
+    runs, history = pd.read_csv(grid["lora_table"]), pd.read_csv(grid["lora_history"])
+    faster = (runs["objective"] == "head") & (runs["preset"] == "standard")
+    swept = runs[faster].assign(learning_rate="0.01", lr=0.01, roc_auc=runs.loc[faster, "roc_auc"] - 0.1)
+    runs = pd.concat([runs.assign(learning_rate=runs["learning_rate"].where(~faster, "0.001")), swept])
+    history = pd.concat([history, history[(history["objective"] == "head") & (history["preset"] == "standard")]
+                         .assign(learning_rate="0.01")])
+    paths = {name: tmp_path / f"{name}.csv" for name in ("runs", "history")}
+    runs.to_csv(paths["runs"], index=False)
+    history.to_csv(paths["history"], index=False)
+    baseline = {"objective": "head", "preset": "standard", "init": "random", "strategy": "all",
+                "learning_rate": "0.001"}
+    html_text = lora_section(paths["runs"], grid["lora_references"], paths["history"], baseline=baseline).html
+    block = re.search(r'<div id="learning-rate">(.*?)</div>', html_text, re.S).group(1)
+    assert "<img" in block and "preset standard, strategy all" in block and 'id="rank"' not in html_text
+    effects = as_dicts(tables(html_text)[2])
+    lr_rows = [row for row in effects if row["axis"] == "learning_rate"]
+    assert [(row["value"], row["reference"], row["roc_auc verdict"]) for row in lr_rows] == [
+        ("0.01", "0.001", "worse")]
+
+
+def test_a_rank_sweep_plots_the_baseline_presets_ranks(grid, tmp_path):
+    runs = pd.read_csv(grid["lora_table"])
+    head = runs[(runs["objective"] == "head") & (runs["preset"] == "standard")]
+    ranked = pd.concat([head.assign(preset=f"standard-r{rank}", rank=rank, roc_auc=head["roc_auc"] + rank / 100)
+                        for rank in (2, 4, 8)])
+    path = tmp_path / "ranked.csv"
+    pd.concat([runs, ranked]).to_csv(path, index=False)
+    baseline = {"objective": "head", "preset": "standard-r2", "init": "random", "strategy": "all",
+                "learning_rate": "default"}
+    html_text = lora_section(path, grid["lora_references"], grid["lora_history"], baseline=baseline).html
+    block = re.search(r'<div id="rank">(.*?)</div>', html_text, re.S).group(1)
+    assert "<img" in block and "preset standard (alpha by lora.grid.rank_alpha)" in block
+    assert 'id="learning-rate"' not in html_text

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, copy_workflow, scheduled_jobs, snakemake
+from conftest import REPO, copy_workflow, scheduled_jobs, snakemake, write_yaml
 from lowrank_core.io import read_json
 from slurm_cluster import SingleNodeSlurm, SlurmUnavailable, ensure_installed
 
-ARM = "head_frozen/full/random/later_half/seed0"
+ARM = "head_frozen/full/random/later_half/lr_default/seed0"
 SLICE = ("results/head/metrics.json", f"results/eval/{ARM}/metrics.json")  # dataset -> ... -> one arm, evaluated
+# The slice tests the cluster, not learning: a short teacher (the arm only measures its distance to it), run twice.
+SHORT_TEACHER = "teacher:\n  max_steps: 20\n  eval_every: 10\n  checkpoint_every: 10\n"
 # One SLURM job per rule job of the slice; the plugin writes `rule_<name>[_wildcards_<values>]` as the job comment.
 SLICE_JOBS = {"build_tiny_model": 1, "make_synthetic_dataset": 1, "prepare_model": 1, "prepare_dataset": 1,
               "extract_features": 3, "pretrain_head": 1, "train_teacher": 1, "train_lora": 1}
@@ -89,8 +91,9 @@ def test_local_profile_never_runs_more_gpu_jobs_than_gpus(tmp_path, gpus):
 @pytest.mark.slow
 def test_slice_runs_through_slurm(slurm, tmp_path, capsys):
     workdir = copy_workflow(tmp_path / "slurm_run")
+    short = ("--configfile", "config/config.yaml", str(write_yaml(tmp_path / "short_teacher.yaml", SHORT_TEACHER)))
     command = [sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "slurm"), *SLICE,
-               *NO_ACCOUNTING]
+               *NO_ACCOUNTING, *short]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, env={**slurm.env, "PYTHONUNBUFFERED": "1"}, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=480)
@@ -131,7 +134,7 @@ def test_slice_runs_through_slurm(slurm, tmp_path, capsys):
     local_dir = copy_workflow(tmp_path / "local_run")
     shutil.copytree(workdir / "data", local_dir / "data")
     start = time.perf_counter()
-    local = snakemake(local_dir, *SLICE)
+    local = snakemake(local_dir, *SLICE, *short)
     local_seconds = time.perf_counter() - start
     assert local.returncode == 0, local.stdout[-3000:]
     local_metrics = read_json(local_dir / SLICE[0])

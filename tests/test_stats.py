@@ -13,17 +13,19 @@ import pytest
 from lowrank_core.stats import (axis_comparisons, convergence_steps, infer_baseline, init_comparisons,
                                 mean_interval, paired_difference)
 
-BASELINE = {"objective": "lm", "preset": "standard", "init": "random", "strategy": "later_half"}
+BASELINE = {"objective": "lm", "preset": "standard", "init": "random", "strategy": "later_half",
+            "learning_rate": "default"}
 
 
-def runs_of(arms: dict[tuple[str, str, str, str], list[float]], **columns) -> pd.DataFrame:
-    """One row per arm (objective, preset, init, strategy) and seed, its roc_auc from the list, seeds 0, 1, ..."""
-    return pd.DataFrame([{"objective": arm[0], "preset": arm[1], "init": arm[2], "strategy": arm[3], "seed": seed,
+def runs_of(arms: dict[tuple[str, ...], list[float]], **columns) -> pd.DataFrame:
+    """One row per arm (objective, preset, init, strategy, learning_rate) and seed, its roc_auc from the list, seeds
+    0, 1, ..."""
+    return pd.DataFrame([{**dict(zip(BASELINE, arm)), "seed": seed,
                           "roc_auc": score, **{name: values[arm][seed] for name, values in columns.items()}}
                          for arm, scores in arms.items() for seed, score in enumerate(scores)])
 
 
-def arm(**changes) -> tuple[str, str, str, str]:
+def arm(**changes) -> tuple[str, ...]:
     return tuple({**BASELINE, **changes}.values())
 
 

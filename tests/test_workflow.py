@@ -15,6 +15,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
 from conftest import REPO, copy_workflow, scheduled_jobs, snakemake, write_yaml
+from lowrank_core.grid import arm_path
 from lowrank_core.head import load_head
 from lowrank_core.io import load_tensors, read_json
 
@@ -180,7 +181,7 @@ def test_every_arm_is_trained_evaluated_and_collected(finished_run):
     assert set(table["objective"]) == {"head", "head_frozen", "lm", "hybrid", "hybrid_frozen"}
     assert set(table["strategy"]) == {"later_half", "all", "head_only"} and set(table["seed"]) == set(SEEDS)
     for row in table.itertuples():
-        arm = finished_run / f"results/lora/{row.objective}/{row.preset}/{row.init}/{row.strategy}/seed{row.seed}"
+        arm = finished_run / "results/lora" / arm_path(row._asdict())
         assert {"adapter", "history.csv", "train_stats.json", "target_modules.json"} <= {p.name for p in arm.iterdir()}
         assert (arm / "head.safetensors").exists() == (row.objective in ("head", "hybrid"))
         converted = 2 if row.init in ("pissa", "olora") else 1  # saved as plain LoRA of twice the rank

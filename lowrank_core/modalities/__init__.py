@@ -36,7 +36,8 @@ class ModalityInfo:
     (`model.<tiny>`) and synthetic dataset (`dataset.<synthetic>`), None where it has none; whether a dataset
     source holds the annotation files `dataset.splits` names (or is read as a whole); the config section its
     objectives read beyond training (`task`), with the keys of it only evaluation reads (`task_evaluation_keys`: an
-    edit there must not retrain the teacher); and the keys of `dataset` it reads.
+    edit there must not retrain the teacher); the keys of `dataset` it reads; and the LoRA inits its batches cannot
+    drive, each with the reason.
     """
 
     name: str
@@ -51,6 +52,7 @@ class ModalityInfo:
     task: str | None = None
     task_evaluation_keys: tuple[str, ...] = ()
     dataset_keys: tuple[str, ...] = ("source", "splits", "synthetic")
+    unsupported_inits: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 CLASSIFICATION = Score("roc_auc", "ROC-AUC", higher_is_better=True, chance=0.5)
@@ -62,7 +64,9 @@ INFO = {
     "depth": ModalityInfo("depth", ("depth",), "depth", False, Score("abs_rel", "AbsRel", False, None),
                           DEPTH_STRATEGIES, tiny="tiny_depth", synthetic="synthetic_scenes", split_files=False,
                           task="depth", task_evaluation_keys=("alignment",),
-                          dataset_keys=("source", "eth3d", "synthetic_scenes")),
+                          dataset_keys=("source", "eth3d", "synthetic_scenes"),
+                          unsupported_inits={"corda": "PEFT's covariance hook reads one record's layer inputs as a "
+                                             "[tokens, channels] matrix, and a depth record is a window of frames"}),
 }
 _MODULES = {"vision_language": "vision_language", "text": "text", "depth": "depth.modality"}
 

@@ -73,7 +73,7 @@ class LoraStudent(nn.Module):
 
     def outputs(self, batch: dict[str, torch.Tensor]) -> dict:
         """`image_logits` / `map_logits` where there is a head, `lm` (the model output) where there is an LM loss."""
-        out, lm_kwargs = {}, {}
+        out = {}
         model_inputs = {k: v for k, v in batch.items() if k not in BATCH_EXTRAS}
         if self.head is not None:
             grid_thw = batch["image_grid_thw"]
@@ -82,14 +82,10 @@ class LoraStudent(nn.Module):
             grid_h, grid_w = (int(v) // self.merge_size for v in grid_thw[0, 1:])
             out["image_logits"], out["map_logits"], pooled = self.head.outputs(tokens, grid_h, grid_w)
             if self.fusion is not None:
-                model_inputs.pop("pixel_values")
                 fused = self.fusion(torch.cat([tokens.mean(dim=1), pooled.to(tokens.dtype)], dim=-1))
-                embeds = _base(self.model).get_input_embeddings()(batch["input_ids"])
-                fused = fused.to(embeds.dtype).reshape(-1, embeds.shape[-1])
-                lm_kwargs = {"inputs_embeds": embeds.masked_scatter(batch["fusion_mask"].bool()[..., None], fused),
-                             "mm_encoder_outputs": {"image": features}}
+                model_inputs = fusion_inputs(_base(self.model), model_inputs, fused, batch["fusion_mask"], features)
         if self.arm.objective not in ("head", "head_frozen"):
-            out["lm"] = self.model(**model_inputs, **lm_kwargs, use_cache=False)
+            out["lm"] = self.model(**model_inputs, use_cache=False)
         return out
 
 
@@ -239,6 +235,29 @@ class VisionLanguage(Modality):
         lm = metrics.get("lm") or {}
         return row | {"lm_loss": lm.get("loss"), "perplexity": lm.get("perplexity"),
                       "lm_roc_auc": (lm.get("classification") or {}).get("roc_auc")}
+
+
+def fusion_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], fused: torch.Tensor, fusion_mask: torch.Tensor,
+                  image_features) -> dict[str, torch.Tensor]:
+    """The LM inputs with the `fused` embeddings written at `fusion_mask` (`model`: the transformers model).
+
+    The model gets `inputs_embeds` in place of `input_ids` (Qwen3-VL takes exactly one of them) and the image's encoder
+    outputs in place of its pixels: it finds the image tokens by their embedding and writes the vision tokens there
+    (with DeepStack mergers, also adding their features at those positions in the first layers). The multimodal RoPE
+    positions, which it computes only from ids, are computed here from the ids and `mm_token_type_ids`.
+    """
+    inputs = dict(inputs)
+    input_ids = inputs.pop("input_ids")
+    inputs.pop("pixel_values")
+    embeds = model.get_input_embeddings()(input_ids)
+    inputs["position_ids"] = model.model.compute_3d_position_ids(
+        input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=inputs["image_grid_thw"], video_grid_thw=None,
+        attention_mask=inputs.get("attention_mask"), past_key_values=None,
+        mm_token_type_ids=inputs.get("mm_token_type_ids"))
+    fused = fused.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+    inputs["inputs_embeds"] = embeds.masked_scatter(fusion_mask.bool()[..., None], fused)
+    inputs["mm_encoder_outputs"] = {"image": image_features}
+    return inputs
 
 
 def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
