@@ -25,6 +25,7 @@ from .errors import DataError
 from .io import atomic_path, write_json
 from .modalities.depth.eth3d import Eth3dConfig
 from .modalities.depth.synthetic import SyntheticScenesSpec
+from .modalities.instruct.synthetic import SyntheticInstructionSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class DatasetConfig(Section):
     synthetic: SyntheticSpec = SyntheticSpec()
     eth3d: Eth3dConfig = Eth3dConfig()  # the depth modality's
     synthetic_scenes: SyntheticScenesSpec = SyntheticScenesSpec()
+    synthetic_instructions: SyntheticInstructionSpec = SyntheticInstructionSpec()  # the instruct modality's
 
     def check(self, key: str) -> None:
         require(set(self.splits) == set(SPLITS), key, "splits", f"must name exactly {', '.join(SPLITS)}")

@@ -1,5 +1,5 @@
-"""Generation-based evaluation: greedy generation of test prompts, scoring, `predictions.csv`, and the test loss and
-perplexity over response tokens.
+"""Generation-based evaluation: greedy generation of test prompts, scoring, `predictions.csv`, the test loss and
+perplexity over response tokens, and the loss on general text (forgetting).
 
 Scores of one generated text against its reference:
 
@@ -14,7 +14,8 @@ Typical use, with `instructions.InstructionBatcher`::
 
     examples = batcher.examples(test_records)
     generated = greedy_generate(model, processor, [e["prompt"] for e in examples], max_new_tokens=16)
-    metrics = write_predictions("predictions.csv", examples, generated) | response_loss(model, test_batches)
+    frame = score_predictions(examples, generated)
+    metrics = write_predictions("predictions.csv", frame) | response_loss(model, test_batches)
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from .errors import DataError
 from .io import atomic_path
 from .lm_data import IGNORE_INDEX, lm_loss
 
@@ -87,7 +90,7 @@ def greedy_generate(model: torch.nn.Module, processor: Any, prompts: list[str], 
     model.eval()
     generated = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
             kwargs = dict(processor_kwargs or {})
             if images is not None:
                 kwargs["images"] = [image for per_prompt in images[start:start + batch_size]
@@ -122,13 +125,37 @@ def prediction_metrics(frame: pd.DataFrame) -> dict:
             "numeric_n": len(numeric), "numeric_accuracy": float(numeric.mean()) if len(numeric) else None}
 
 
-def write_predictions(path: str | Path, examples: list[dict], generated: list[str],
-                      tolerance: float = 1e-6) -> dict:
-    """Score the generated texts, write them as CSV at `path` (atomically) and return `prediction_metrics`."""
-    frame = score_predictions(examples, generated, tolerance)
+def write_predictions(path: str | Path, frame: pd.DataFrame) -> dict:
+    """Write `score_predictions`' `frame` as CSV at `path` (atomically) and return its `prediction_metrics`."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return prediction_metrics(frame)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of a plain-text file, one per non-empty line; DataError naming the file when it has none."""
+    try:
+        texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({err})") from None
+    if not texts:
+        raise DataError(f"{path}: holds no text (one text per non-empty line)")
+    return texts
+
+
+def text_loss(model: torch.nn.Module, processor: Any, texts: list[str], batch_size: int = 8,
+              max_length: int = 512) -> dict:
+    """`response_loss` over every token of `texts` read as plain text (no chat template; each cut to `max_length`
+    tokens): the model's general language loss, whose rise over the base's measures forgetting."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    def batches():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, padding_side="right", truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            yield {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)}
+
+    return response_loss(model, batches())
 
 
 def response_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict:

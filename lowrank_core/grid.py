@@ -24,7 +24,7 @@ AXES = ("objective", "preset", "init", "strategy", "learning_rate")
 LISTS = {"objective": "objectives", "preset": "presets", "init": "inits", "strategy": "strategies",
          "learning_rate": "lrs"}  # lora.grid keys
 DEFAULT_LR = "default"  # the learning_rate of every arm when `lora.grid.lrs` is not given
-OBJECTIVES = ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen", "depth")
+OBJECTIVES = ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen", "depth", "sft")
 INITS = ("random", "gaussian", "svd", "pissa", "olora", "orthogonal", "eva", "corda", "lora_ga")
 DATA_INITS = ("eva", "corda", "lora_ga")  # PEFT's inits that read training data first; settings in lora.<init>
 VISION_OBJECTIVES = ("head", "head_frozen", "hybrid", "hybrid_frozen")

@@ -38,6 +38,7 @@ from .io import atomic_path, load_tensors, read_json, write_json
 from .modalities import get_modality
 from .modalities.base import Modality
 from .modalities.depth.task import DepthTaskConfig
+from .modalities.instruct.task import SftTaskConfig
 from .targets import StrategyConfig, resolve_targets
 from .training import Batches, TrainConfig, sha256, train_loop, write_history
 
@@ -86,6 +87,7 @@ class ArmConfig(Section):
     lora_ga: LoraGASettings = LoraGASettings()
     image_size: int | None = None
     depth: DepthTaskConfig = DepthTaskConfig()
+    sft: SftTaskConfig = SftTaskConfig()
 
     def check(self, key: str) -> None:
         require(self.fusion_tokens >= 1, key, "fusion_tokens", "must be at least 1")
@@ -150,7 +152,8 @@ def start_student(info: dict, model: nn.Module, processor, arm: ArmConfig, head_
     student, the resolved target-module names and what the start cost: `init_seconds` (the adapters' initialisation
     plus the preprocessing, as measured when it was computed; for svd plus the teacher's fine-tune and the ΔW export),
     `init_peak_memory_mb` (the preprocessing's, the teacher's for svd, None for inits without either) and
-    `init_preprocessing` (`shared` by the arm's seeds, `per seed`, `teacher` or None).
+    `init_preprocessing` (`shared` by the arm's seeds, `per seed`, `teacher` or None) and `init_factors` (svd: the
+    ΔW factor file it started from).
     """
     modality = get_modality(info["modality"])
     targets = arm_targets(model, arm, modality, info.get("backend", "transformers"))
@@ -158,7 +161,7 @@ def start_student(info: dict, model: nn.Module, processor, arm: ArmConfig, head_
         raise CheckpointError(f"init {arm.init}: no training records given to preprocess")
     check_init(model, targets, arm, modality, len(train_records or ()))
     log.info("%d target modules: %s", len(targets), ", ".join(targets))
-    started, spent, upstream, preprocessing = time.perf_counter(), 0.0, None, None
+    started, spent, upstream, preprocessing, factors = time.perf_counter(), 0.0, None, None, None
     torch.manual_seed(arm.seed)
     student = modality.student(model, arm, processor, head_path)
     config = LoraConfig(r=arm.preset.r, lora_alpha=arm.preset.alpha, lora_dropout=arm.preset.dropout,
@@ -180,15 +183,16 @@ def start_student(info: dict, model: nn.Module, processor, arm: ArmConfig, head_
         initialize_lora_eva_weights(student.model, eva_state_dict=eva_state_dict(tensors), show_progress_bar=False)
         log.info("eva ranks (r %d unless listed): %s", arm.preset.r, student.model.peft_config["default"].rank_pattern)
     if arm.init == "svd":
-        _init_from_delta(student.model, delta_dir)
+        factors = _init_from_delta(student.model, delta_dir)
         upstream, preprocessing = teacher_cost(delta_dir), "teacher"
     seconds = time.perf_counter() - started - spent + (upstream["seconds"] if upstream else 0.0)
     return student, targets, {"init_seconds": seconds, "init_peak_memory_mb": upstream and upstream["peak_memory_mb"],
-                              "init_preprocessing": preprocessing}
+                              "init_preprocessing": preprocessing, "init_factors": factors}
 
 
-def _init_from_delta(peft_model: PeftModel, delta_dir: str | Path | None) -> None:
-    """Overwrite the adapters with the teacher's ΔW factors, rescaled to each layer's scaling (module docstring)."""
+def _init_from_delta(peft_model: PeftModel, delta_dir: str | Path | None) -> str:
+    """Overwrite the adapters with the teacher's ΔW factors, rescaled to each layer's scaling (module docstring), from
+    the factor file of the smallest exported rank >= the adapters' (its name returned)."""
     if delta_dir is None:
         raise CheckpointError("init svd: no ΔW export (results/delta) given")
     layers = {name.removeprefix("base_model.model."): module for name, module in peft_model.named_modules()
@@ -214,6 +218,7 @@ def _init_from_delta(peft_model: PeftModel, delta_dir: str | Path | None) -> Non
              rank, usable[0][1].name)
     if not initialised:
         raise ConfigError(f"init svd: the teacher changed none of the targeted modules ({usable[0][1]})")
+    return usable[0][1].name
 
 
 # ---------------------------------------------------------------- training one arm

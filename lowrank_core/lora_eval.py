@@ -1,6 +1,10 @@
 """Evaluation of trained LoRA arms and of the reference models (untrained base, full fine-tune teacher) on the
 test split, and the collection of every result into the ablation tables.
 
+A modality's per-sample predictions are written beside each evaluation: `predictions.csv` in an arm's
+seed directory, `<reference>_predictions.csv` beside a reference's JSON. With a general-text file (`eval.general_text`)
+every evaluation also measures the loss on it; the tables' `forgetting` is that loss minus the base's.
+
 The test metrics are the modality's (`modalities`). Convergence figures come from the training history: the first and
 last training loss, and the first step whose 5-step running mean reaches the objective's target loss. For targeted
 modules the teacher changed, the student's update is compared with the teacher's:
@@ -12,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from .delta import Checkpoint, module_group
+from .generation import read_texts, text_loss, write_predictions
 from .grid import AXES, arm_path
 from .io import atomic_path, load_tensors, read_json, write_json
 from .lora import ArmConfig, load_student
@@ -76,13 +82,17 @@ def delta_distance(student: torch.nn.Module, targets: list[str], base_dir: str |
 
 def evaluate_arm(model_info_json: str | Path, manifest_json: str | Path, arm: ArmConfig, arm_dir: str | Path,
                  teacher_dir: str | Path, out_json: str | Path, target_loss: float, batch_size: int = 8,
-                 head_path: str | Path | None = None) -> dict:
-    """Test-split metrics, convergence, ΔW distance and cost of one trained arm, written to `out_json`."""
+                 head_path: str | Path | None = None, general_text: str | Path | None = None) -> dict:
+    """Test-split metrics, convergence, ΔW distance and cost of one trained arm, written to `out_json`; with
+    `general_text` (a file of plain texts, one per line) also the arm's loss on it (`generation.text_loss`)."""
     info = read_json(model_info_json)
     records = read_json(manifest_json)["splits"]["test"]["records"]
     modality = get_modality(info["modality"])
     student, targets, processor = load_student(info, arm, arm_dir, head_path)
     metrics = modality.test_metrics(student, records, modality.batcher(processor, arm), batch_size, arm)
+    save_predictions(metrics, Path(out_json).with_name("predictions.csv"))
+    if general_text is not None:
+        metrics["general_text"] = text_loss(student.model, processor, read_texts(general_text), batch_size)
     metrics["convergence"] = convergence(Path(arm_dir) / "history.csv", target_loss)
     metrics["delta"] = delta_distance(student, targets, info["path"], teacher_dir)
     stats = read_json(Path(arm_dir) / "train_stats.json")
@@ -97,11 +107,12 @@ def evaluate_arm(model_info_json: str | Path, manifest_json: str | Path, arm: Ar
 
 def evaluate_reference(model_info_json: str | Path, manifest_json: str | Path, arm: ArmConfig,
                        model_dir: str | Path | None, out_json: str | Path, batch_size: int = 8,
-                       factors: str | Path | None = None) -> dict:
+                       factors: str | Path | None = None, general_text: str | Path | None = None) -> dict:
     """The same test metrics for a whole model, under the modality's reference objective (the answer through the
     language model, depth): the base when `model_dir` is None, else a full fine-tune (whose `train_summary.json`
     and weights give its cost). With `factors` (a `factors_r{r}.safetensors` of the ΔW export) the base with the
-    teacher's truncated ΔW_r merged, no training: where every svd-init student starts."""
+    teacher's truncated ΔW_r merged, no training: where every svd-init student starts. `general_text` as in
+    `evaluate_arm`."""
     info = read_json(model_info_json)
     records = read_json(manifest_json)["splits"]["test"]["records"]
     modality = get_modality(info["modality"])
@@ -110,6 +121,9 @@ def evaluate_reference(model_info_json: str | Path, manifest_json: str | Path, a
     arm = dataclasses.replace(arm, objective=modality.info.reference_objective)
     metrics = modality.test_metrics(modality.student(model, arm, processor), records,
                                     modality.batcher(processor, arm), batch_size, arm)
+    save_predictions(metrics, Path(out_json).with_name(f"{Path(out_json).stem}_predictions.csv"))
+    if general_text is not None:
+        metrics["general_text"] = text_loss(model, processor, read_texts(general_text), batch_size)
     total = sum(p.numel() for p in model.parameters())
     metrics["cost"] = {"trainable_parameters": 0, "total_parameters": total, "trainable_percent": 0.0}
     if model_dir is not None:
@@ -125,6 +139,12 @@ def evaluate_reference(model_info_json: str | Path, manifest_json: str | Path, a
         metrics["cost"]["adapter_bytes"] = Path(factors).stat().st_size
     write_json(out_json, metrics)
     return metrics
+
+
+def save_predictions(metrics: dict, path: Path) -> None:
+    """Move the modality's per-sample `predictions`, where it gives them, out of `metrics` into `path` (CSV)."""
+    if "predictions" in metrics:
+        write_predictions(path, metrics.pop("predictions"))
 
 
 @torch.no_grad()
@@ -145,23 +165,37 @@ def flat_row(metrics: dict, modality) -> dict:
     row = modality.table_row(metrics)
     row |= metrics.get("convergence") or {}
     row["delta_distance"] = (metrics.get("delta") or {}).get("relative_distance")
+    row |= {"general_loss": metrics["general_text"]["loss"]} if "general_text" in metrics else {}
     row |= {k: (metrics.get("train") or {}).get(k) for k in TRAIN_KEYS} | (metrics.get("adapter") or {})
     return row | {k: metrics["cost"].get(k) for k in COST_KEYS}
+
+
+def _predictions_link(path: Path, tables_dir: Path) -> dict:
+    return {"predictions": os.path.relpath(path, tables_dir)} if path.exists() else {}
 
 
 def collect(arms: list[dict], eval_jsons: list[str | Path], histories: list[str | Path],
             references: dict[str, str | Path], out_csv: str | Path, references_csv: str | Path,
             history_csv: str | Path, module_distance_csv: str | Path, modality: str) -> pd.DataFrame:
-    """Write one row per trained arm × seed (`objective, preset, init, strategy, seed` + metrics), the reference
-    rows (with the `rank` of the ΔW_r ones), every arm's training history in long form, and the ΔW distance of every
+    """Write one row per trained arm × seed (`objective, preset, init, strategy, seed` + metrics, and `predictions`:
+    the path of its predictions.csv relative to the tables, where it wrote one), the reference rows (with the `rank`
+    of the ΔW_r ones, and their `predictions`), every arm's training history in long form, and the ΔW distance of every
     arm × seed per module group (tower, kind, layer) in long form. Returns the arm table."""
     evaluations = [read_json(path) for path in eval_jsons]
     modality = get_modality(modality)
     keys = [{a: arm[a] for a in (*AXES, "seed")} for arm in arms]
-    table = pd.DataFrame([{**key, **flat_row(metrics, modality)} for key, metrics in zip(keys, evaluations)])
-    reference_evaluations = {name: read_json(path) for name, path in references.items()}
-    reference_table = pd.DataFrame([{"model": name, "rank": metrics.get("rank"), **flat_row(metrics, modality)}
-                                    for name, metrics in reference_evaluations.items()])
+    tables_dir = Path(out_csv).parent
+    table = pd.DataFrame([{**key, **flat_row(metrics, modality),
+                           **_predictions_link(Path(path).with_name("predictions.csv"), tables_dir)}
+                          for key, metrics, path in zip(keys, evaluations, eval_jsons)])
+    reference_table = pd.DataFrame([
+        {"model": name, "rank": metrics.get("rank"), **flat_row(metrics, modality),
+         **_predictions_link(Path(path).with_name(f"{Path(path).stem}_predictions.csv"), tables_dir)}
+        for name, path in references.items() for metrics in [read_json(path)]])
+    if "general_loss" in reference_table:  # forgetting: the general-text loss over the base's
+        base_loss = reference_table.set_index("model").at["base", "general_loss"]
+        for frame in (table, reference_table):
+            frame["forgetting"] = frame["general_loss"] - base_loss
     distance = pd.DataFrame([{**key, **group} for key, metrics in zip(keys, evaluations)
                              for group in (metrics.get("delta") or {}).get("groups", [])],
                             columns=[*AXES, "seed", "tower", "kind", "layer", "relative_distance"])

@@ -24,6 +24,7 @@ from .config import Section, require
 from .errors import CheckpointError
 from .io import atomic_path
 from .modalities.depth.models import TinyDepthSpec
+from .modalities.instruct.tiny import TinyTextSpec
 from .pretrain import pretrain_tiny
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,13 @@ class ModelConfig(Section):
 
     key = "model"
     source: str = "tiny"
-    modality: Literal["vision_language", "text", "depth"] = "vision_language"
+    modality: Literal["vision_language", "text", "instruct", "depth"] = "vision_language"
     backend: Literal["transformers", "vggt"] = "transformers"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     tiny: TinyModelSpec = TinyModelSpec()
     tiny_depth: TinyDepthSpec = TinyDepthSpec()  # the depth modality's
+    tiny_text: TinyTextSpec = TinyTextSpec()  # the instruct modality's
 
     def check(self, key: str) -> None:
         from .modalities import INFO

@@ -56,6 +56,7 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
         if "AdaLoRA" in lowrank.archs:
             check_allocator_budget(lowrank, allocator_steps(lowrank, train_records))
     _check_delta_include(skeleton, delta)
+    _check_general_text(config["eval"]["general_text"], modality)
     for entry, settings in arms:
         preset_key, strategy_key = f"lora.presets.{entry['preset']}", f"lora.strategies.{entry['strategy']}"
         PresetConfig.from_dict(settings["preset"], preset_key)
@@ -69,6 +70,15 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
                               f"{arm.preset.r} ({preset_key}.r), but the largest of delta.ranks is {max(delta.ranks)}")
         check_init(skeleton, arm_targets(skeleton, arm, modality, model.backend, strategy_key, preset_key), arm,
                    modality, train_records)
+
+
+def _check_general_text(path: str | None, modality) -> None:
+    if path is None:
+        return
+    if not modality.info.language:
+        raise ConfigError(f"eval.general_text: model.modality {modality.name} has no language model to score text")
+    if not Path(path).is_file():
+        raise ConfigError(f"eval.general_text: {path} is not a file")
 
 
 def _check_model_source(model: ModelConfig) -> None:

@@ -34,8 +34,9 @@ VAL_RISE = 0.05  # the last validation loss this far (relative) above its minimu
 COSTS = (("trainable_parameters", "trainable parameters"), ("train_seconds", "train time"),
          ("peak_memory_mb", "peak memory"))
 EVAL_METRICS = ("accuracy", "f1", "roc_auc", "average_precision", "lm_loss", "perplexity", "positive_rate", "abs_rel",
-                "rmse", "delta1", "test_loss")
-MAY_BE_MISSING = ("steps_to_target", "label_blind_loss")  # missing by design: target never reached, bound unknown
+                "rmse", "delta1", "test_loss", "exact_match", "numeric_accuracy")
+# missing by design: target never reached, bound unknown, an init without preprocessing
+MAY_BE_MISSING = ("steps_to_target", "label_blind_loss", "init_peak_memory_mb")
 
 
 @dataclasses.dataclass
@@ -88,6 +89,8 @@ def findings_section(inputs: dict[str, str], baseline: dict | None = None,
         dataclasses.replace(lowrank_finding({arch: read_json(path) for arch, path in comparisons.items()}),
                             sources=tuple(comparisons.values())),
     ]
+    if grid and "forgetting" in grid.runs:
+        findings.append(dataclasses.replace(forgetting_finding(grid), sources=(*table, inputs["lora_references"])))
     intro = (f"<p>Each question answered from the numbers below. Intervals are {CONFIDENCE:.0%} t-intervals over "
              "seeds, differences paired by seed against the grid's baseline arm"
              + (f" <code>{html.escape(arm_label(grid.baseline))}</code>" if grid else "") + ".</p>")
@@ -261,6 +264,25 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
               else "one seed, no interval")
     return Finding(question, answer + ".", f"{spread}; the teacher, base and ΔW_r references are single evaluations",
                    "lora-comparison")
+
+
+def forgetting_finding(grid: Grid) -> Finding:
+    """What the fine-tunes cost in general ability: the teacher's and the arms' loss on the general text over the
+    base's (`forgetting`), the least-forgetting arm with its interval."""
+    question = "What does fine-tuning cost in general ability (loss on the general text over the base's)?"
+    forgetting = arm_means(grid.runs, ("forgetting",))["forgetting mean"].dropna()
+    if forgetting.empty:
+        return Finding(question, "Cannot be answered: no arm has a general-text loss.", "")
+    least = forgetting.idxmin()
+    runs = grid.runs[[arm_label(arm) == least for arm in grid.runs[list(AXES)].to_dict("records")]]
+    interval = mean_interval(runs["forgetting"])
+    teacher = grid.references["forgetting"].get("teacher", float("nan"))
+    answer = (f"The full fine-tune's loss on the general text is {teacher:+.3g} over the base's; the LoRA arms' "
+              f"{forgetting.mean():+.3g} on average ({forgetting.min():+.3g} to {forgetting.max():+.3g}), least for "
+              f"{least} ({format_interval(interval['mean'], interval['ci_low'], interval['ci_high'], '+.3g')})")
+    spread = (f"{CONFIDENCE:.0%} t-interval over {interval['n']} seeds" if interval["n"] > 1
+              else "one seed, no interval")
+    return Finding(question, answer + ".", f"{spread}; the teacher and base are single evaluations", "lora")
 
 
 def _rank_shares(references: pd.DataFrame, teacher: float, score: Score = CLASSIFICATION) -> str:

@@ -27,9 +27,9 @@ from .stats import CONFIDENCE, arm_label, axis_comparisons, infer_baseline
 LORA_INPUTS = ("lora_table", "lora_references", "lora_history")  # the section's required inputs, in argument order
 AXIS_ORDER = {"objective": ("head", "head_frozen", "lm", "hybrid", "hybrid_frozen"),
               "init": INITS}  # the other axes keep their order in the grid
-METRICS = ("roc_auc", "accuracy", "f1", "pixel_iou", "lm_loss", "abs_rel", "delta1", "rmse", "mae", "laser_abs_rel",
-           "laser_delta1", "test_loss", "delta_distance", "steps_to_target", "final_loss", "label_blind_loss",
-           "positive_rate")
+METRICS = ("roc_auc", "accuracy", "f1", "exact_match", "numeric_accuracy", "pixel_iou", "lm_loss", "abs_rel", "delta1",
+           "rmse", "mae", "laser_abs_rel", "laser_delta1", "test_loss", "delta_distance", "steps_to_target",
+           "final_loss", "label_blind_loss", "positive_rate", "generated_accuracy", "general_loss", "forgetting")
 COST = ("trainable_parameters", "trainable_percent", "adapter_bytes", "peak_memory_mb", "samples_per_s",
         "train_seconds", "init_seconds", "init_peak_memory_mb")
 SETTINGS = ("rank", "alpha", "lr", "max_steps")

@@ -17,6 +17,7 @@ from .io import read_json
 from .modalities import CLASSIFICATION, Score
 from .report import ReportSection, figure_html, png_html, table
 from .report_lora import LORA_INPUTS, lora_section
+from .report_predictions import predictions_section
 
 HEAD_INPUTS = ("metrics", "history", "heatmaps")
 LOWRANK_INPUTS = ("comparison", "spatial", "history", "curve")
@@ -28,7 +29,8 @@ HEAD_KEYS = ("best_epoch", "best_val_roc_auc", "selected_by", "pixel_masks", "pa
 def stage_sections(inputs: dict[str, str], baseline: dict | None = None,
                    score: Score = CLASSIFICATION) -> list[ReportSection]:
     """The head, low-rank, teacher, ΔW and LoRA grid sections, in this order, each only when all its inputs are
-    present (the grid's `lora_module_distance` is optional; `baseline` and `score` as in `lora_section`)."""
+    present (the grid's `lora_module_distance` is optional; `baseline` and `score` as in `lora_section`), then the
+    predictions section where the evaluations wrote predictions."""
     sections = []
     if all(f"head_{name}" in inputs for name in HEAD_INPUTS):
         sections.append(head_section(*(inputs[f"head_{name}"] for name in HEAD_INPUTS)))
@@ -44,6 +46,8 @@ def stage_sections(inputs: dict[str, str], baseline: dict | None = None,
     if all(name in inputs for name in LORA_INPUTS):
         sections.append(lora_section(*(inputs[name] for name in LORA_INPUTS), inputs.get("lora_module_distance"),
                                      baseline, score))
+        if "predictions" in pd.read_csv(inputs["lora_table"], nrows=0):
+            sections.append(predictions_section(inputs["lora_table"], inputs["lora_references"]))
     return sections
 
 

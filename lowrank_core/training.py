@@ -43,7 +43,7 @@ from .runtime import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss")
+HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss", "elapsed_s")
 CHECKPOINT_TENSORS = ("weights.safetensors", "optimizer.safetensors")
 CHECKPOINT_FORMAT = 2  # 2: optimizer moments keyed by parameter name
 # Checkpoints hold whole (unsharded) tensors of the trainable parameters, on the main process only
@@ -186,6 +186,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
     main = accelerator.is_main_process
     writer = SummaryWriter(str(log_dir), purge_step=step + 1 if step else None) if main else None
     started = time.perf_counter()
+    before = (history[-1].get("elapsed_s") or 0.0) if history else 0.0  # training time before this run resumed
     progress = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not main)
     try:
         while step < cfg.max_steps:
@@ -217,6 +218,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
                    "samples_per_s": samples / (time.perf_counter() - step_started), "val_loss": None}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 row["val_loss"] = evaluate(model, loss_fn, val_batches, accelerator)
+            row["elapsed_s"] = before + time.perf_counter() - started
             history.append(row)
             if main:
                 _log_row(writer, row)
@@ -234,7 +236,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             writer.close()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return TrainResult(
-        history=history, resumed_from_step=resumed_from, seconds=time.perf_counter() - started,
+        history=history, resumed_from_step=resumed_from, seconds=before + time.perf_counter() - started,
         device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
         trainable_parameters=trainable_parameters,
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb(),

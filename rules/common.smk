@@ -111,13 +111,19 @@ def reference_settings():
 
 
 def arm_inputs(wildcards):
-    """An arm's inputs beyond model and data: the pre-trained head (frozen-head objectives), ΔW (svd init)."""
+    """An arm's inputs beyond model and data: the pre-trained head (frozen-head objectives), ΔW (svd init), the
+    general text."""
     inputs = {}
     if wildcards.objective in FROZEN_HEAD_OBJECTIVES:
         inputs["head"] = "results/head/head.safetensors"
     if wildcards.init == "svd":
         inputs["delta"] = "results/delta"
-    return inputs
+    return inputs | general_text_input()
+
+
+def general_text_input():
+    """The general-text file every evaluation is also scored on (eval.general_text), when there is one."""
+    return {"general_text": config["eval"]["general_text"]} if config["eval"]["general_text"] else {}
 
 
 def experiment_hash():

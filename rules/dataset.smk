@@ -23,12 +23,14 @@ rule make_synthetic_dataset:
 rule prepare_dataset:  # before other ready jobs: a bad input fails before anything expensive has started
     priority: 10
     input:
-        annotation_input,
+        annotations=annotation_input,
+        **({"model": "results/model/model.json"} if MODALITY.dataset_reads_model else {}),
     output:
         "results/dataset/manifest.json",
     params:
         dataset={key: value for key, value in config_slice("dataset").items() if key in MODALITY.dataset_keys},
         modality=config_slice("model", "modality"),
+        **({"task": task_settings(training_only=True)} if MODALITY.dataset_reads_model else {}),
     threads: rule_threads("prepare_dataset")
     resources:
         **rule_resources("prepare_dataset"),

@@ -13,6 +13,8 @@ rule train_lora:
     output:
         arms=[directory(f"results/lora/{ARM}/seed{seed}") for seed in SEEDS],
         evaluations=[f"results/eval/{ARM}/seed{seed}/metrics.json" for seed in SEEDS],
+        **({"predictions": [f"results/eval/{ARM}/seed{seed}/predictions.csv" for seed in SEEDS]}
+           if MODALITY.predictions else {}),
     params:
         arm=arm_settings,
         seeds=SEEDS,
@@ -35,12 +37,15 @@ rule train_lora:
 
 rule evaluate_references:
     input:
+        **general_text_input(),
         model="results/model/model.json",
         manifest="results/dataset/manifest.json",
         teacher="results/teacher/model",
         delta="results/delta",
     output:
-        [f"results/eval/references/{reference}.json" for reference in REFERENCES],
+        evaluations=[f"results/eval/references/{reference}.json" for reference in REFERENCES],
+        **({"predictions": [f"results/eval/references/{reference}_predictions.csv" for reference in REFERENCES]}
+           if MODALITY.predictions else {}),
     params:
         arm=reference_settings(),
         references=list(REFERENCES),

@@ -7,13 +7,16 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "config", "environment.yml")
+REPORT = "results/reports/ablation.html"
 
 torch.set_num_threads(1)
 
@@ -66,6 +69,29 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=1200)
+
+
+def snakemake_many(runs: dict[str, tuple[Path, tuple[str, ...]]]) -> dict[str, subprocess.CompletedProcess]:
+    """`snakemake(workdir, *args)` for each named run, as many at once as there are CPUs (a run that stops at start-up
+    is one thread of imports and checks); the completed runs by name."""
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        futures = {name: pool.submit(snakemake, workdir, *args) for name, (workdir, args) in runs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def run_to_report(root: Path, *configfiles: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """A clean copy of the workflow under `root` run to the report, on the default config or with `configfiles`;
+    fails the test unless it succeeded. Returns the workflow directory and the run."""
+    workdir = copy_workflow(root / "workflow")
+    result = snakemake(workdir, REPORT, *(("--configfile", *configfiles) if configfiles else ()))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+def grid_tables(workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A finished run's arm table (axes read as text) and its reference table (indexed by model)."""
+    return (pd.read_csv(workdir / "results/reports/ablation.csv", dtype={"preset": str, "learning_rate": str}),
+            pd.read_csv(workdir / "results/reports/references.csv").set_index("model"))
 
 
 def scheduled_jobs(output: str) -> dict[str, int]:

@@ -188,7 +188,8 @@ class SingleNodeSlurm:
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
-            "MinJobAge=300",  # finished jobs stay in squeue for 5 min: the executor polls with squeue (no sacct)
+            "MinJobAge=3600",  # finished jobs stay in squeue for an hour: the executor and the test read them there
+            # (no sacct), and a slow run must not lose its first jobs before the end
             "SchedulerParameters=sched_min_interval=0,batch_sched_delay=0",
             f"NodeName={self.node} NodeAddr=127.0.0.1 {self._hardware()} RealMemory={memory} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",

@@ -4,14 +4,12 @@ the teacher and every strategy learn, strategies A < B < C in trainable paramete
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from safetensors import safe_open
 
-from conftest import copy_workflow, scheduled_jobs, snakemake, write_yaml
+from conftest import REPORT, copy_workflow, grid_tables, run_to_report, scheduled_jobs, snakemake, write_yaml
 from lowrank_core.io import read_json
 
-REPORT = "results/reports/ablation.html"
 EXAMPLE = "config/examples/depth_eth3d_tiny.yaml"
 STRATEGIES = ("head_only", "later_half", "all")  # A, B, C
 DEPTH_COLUMNS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "mae", "delta1", "delta2", "delta3")
@@ -20,19 +18,11 @@ LEARNED = 0.9  # a model that learned depth ends at or below this fraction of th
 
 @pytest.fixture(scope="module")
 def depth_run(tmp_path_factory) -> Path:
-    workdir = copy_workflow(tmp_path_factory.mktemp("depth") / "workflow")
-    result = snakemake(workdir, REPORT, "--configfile", EXAMPLE)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
-
-
-def tables(workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (pd.read_csv(workdir / "results/reports/ablation.csv"),
-            pd.read_csv(workdir / "results/reports/references.csv").set_index("model"))
+    return run_to_report(tmp_path_factory.mktemp("depth"), EXAMPLE)[0]
 
 
 def test_the_teacher_and_every_strategy_beat_the_untrained_base(depth_run):
-    runs, references = tables(depth_run)
+    runs, references = grid_tables(depth_run)
     base = references.at["base", "abs_rel"]
     assert references.at["teacher", "abs_rel"] <= LEARNED * base
     assert references.at["teacher", "delta1"] > references.at["base", "delta1"]
@@ -43,7 +33,7 @@ def test_the_teacher_and_every_strategy_beat_the_untrained_base(depth_run):
 
 
 def test_trainable_parameters_rise_from_strategy_a_to_c_and_only_layers_peft_takes_get_adapters(depth_run):
-    runs, _ = tables(depth_run)
+    runs, _ = grid_tables(depth_run)
     trainable = runs[runs["init"] == "random"].groupby("strategy")["trainable_parameters"].first()
     assert trainable["head_only"] < trainable["later_half"] < trainable["all"]
     for strategy in STRATEGIES:
@@ -56,7 +46,7 @@ def test_trainable_parameters_rise_from_strategy_a_to_c_and_only_layers_peft_tak
 
 
 def test_metrics_tables_and_report(depth_run):
-    runs, references = tables(depth_run)
+    runs, references = grid_tables(depth_run)
     assert set(DEPTH_COLUMNS) <= set(runs.columns) and set(DEPTH_COLUMNS) <= set(references.columns)
     assert runs[list(DEPTH_COLUMNS)].notna().all().all()
     assert len(runs) == 2 * 3 * len(STRATEGIES)  # product of 2 inits x 3 strategies, 3 seeds each

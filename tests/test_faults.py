@@ -17,10 +17,10 @@ from conftest import copy_workflow, snakemake, write_yaml
 from lowrank_core.io import read_json
 
 TEACHER = "results/teacher/model"
-# 60 steps with a checkpoint every 10: a kill costs at most 9 steps of work; the tiny base is not pre-trained (resuming
+# 30 steps with a checkpoint every 10: a kill costs at most 9 steps of work; the tiny base is not pre-trained (resuming
 # does not need a base that can see)
-SETTINGS = ("teacher:\n  max_steps: 60\n  checkpoint_every: 10\n"
-            "model:\n  tiny:\n    pretrain_vision_steps: 0\n    pretrain_language_steps: 0\n")
+NOT_PRETRAINED = "model:\n  tiny:\n    pretrain_vision_steps: 0\n    pretrain_language_steps: 0\n"
+SETTINGS = "teacher:\n  max_steps: 30\n  checkpoint_every: 10\n" + NOT_PRETRAINED
 
 
 def start_snakemake(workdir, *args) -> subprocess.Popen:
@@ -57,7 +57,7 @@ def test_a_teacher_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     summary = read_json(workdir / TEACHER / "train_summary.json")
     assert summary["resumed_from_step"] >= 10 and summary["resumed_from_step"] % 10 == 0
     print(f"\nkilled after the step-{summary['resumed_from_step']} checkpoint; resumed from step "
-          f"{summary['resumed_from_step']} of 60 (at most 9 steps of work lost)")
+          f"{summary['resumed_from_step']} of 30 (at most 9 steps of work lost)")
     expected, actual = (load_file(root / TEACHER / "model.safetensors") for root in (reference, workdir))
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
     columns = ["step", "loss", "lr", "val_loss"]
@@ -70,7 +70,9 @@ def test_more_cores_than_cpus_never_oversubscribes(tmp_path):
     and no job runs more torch threads than the CPUs."""
     cpus = len(os.sched_getaffinity(0))
     workdir = copy_workflow(tmp_path / "workflow")
-    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "8", "results/model/model.json"], cwd=workdir,
+    edit = write_yaml(tmp_path / "edit.yaml", NOT_PRETRAINED)  # the claims, not the model, are under test
+    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "8", "results/model/model.json",
+                           "--configfile", "config/config.yaml", str(edit)], cwd=workdir,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     claims = {int(n) for n in re.findall(r"^\s+threads: (\d+)$", done.stdout + done.stderr, re.M)}

@@ -12,13 +12,18 @@ import torch
 import transformers
 from PIL import Image
 
+from lowrank_core.errors import DataError
 from lowrank_core.generation import (
     exact_match,
     greedy_generate,
     last_number,
     normalise,
     numeric_score,
+    prediction_metrics,
+    read_texts,
     response_loss,
+    score_predictions,
+    text_loss,
     write_predictions,
 )
 from lowrank_core.instructions import InstructionBatcher
@@ -109,7 +114,7 @@ def test_predictions_csv_and_metrics(tmp_path):
                 {"id": "c", "prompt": "p3", "reference": "3 + 4 = 7"},
                 {"id": "d", "prompt": "p4", "reference": "12"}]
     generated = ["7.", "paris", "It is 7", "13"]
-    metrics = write_predictions(tmp_path / "predictions.csv", examples, generated)
+    metrics = write_predictions(tmp_path / "predictions.csv", score_predictions(examples, generated))
     frame = pd.read_csv(tmp_path / "predictions.csv", dtype={"id": str})
     assert list(frame.columns) == ["id", "prompt", "reference", "generated", "score", "numeric"]
     assert frame["id"].tolist() == ["a", "b", "c", "d"]
@@ -118,9 +123,9 @@ def test_predictions_csv_and_metrics(tmp_path):
     assert frame["numeric"].tolist()[:1] + frame["numeric"].tolist()[2:] == [1.0, 1.0, 0.0]
     assert math.isnan(frame["numeric"][1])
     assert metrics == {"n": 4, "exact_match": 0.5, "numeric_n": 3, "numeric_accuracy": pytest.approx(2 / 3)}
-    assert write_predictions(tmp_path / "words.csv", examples[1:2], ["Rome"])["numeric_accuracy"] is None
+    assert prediction_metrics(score_predictions(examples[1:2], ["Rome"]))["numeric_accuracy"] is None
     with pytest.raises(ValueError, match="2 examples but 1 generated"):
-        write_predictions(tmp_path / "bad.csv", examples[:2], ["7"])
+        score_predictions(examples[:2], ["7"])
 
 
 # ---------------------------------------------------------------- generation with a tiny model
@@ -219,3 +224,22 @@ def test_response_loss_weighs_every_labelled_token_the_same(model, tokenizer):
     unlabelled = {**batches[0], "labels": torch.full_like(batches[0]["labels"], IGNORE_INDEX)}
     empty = response_loss(model, [unlabelled])
     assert empty["tokens"] == 0 and math.isnan(empty["loss"])
+
+
+def test_the_general_text_loss_is_every_tokens_loss_of_each_text_alone(model, tokenizer, tmp_path):
+    path = tmp_path / "general.txt"
+    path.write_text("The cat sat on the mat.\n\n  Paris is the capital of France.  \nOne two three four five six.\n")
+    texts = read_texts(path)
+    assert texts == ["The cat sat on the mat.", "Paris is the capital of France.", "One two three four five six."]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in texts:  # each text alone, unpadded: the oracle
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    result = text_loss(model, tokenizer, texts, batch_size=2)
+    assert result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(DataError, match=r"blank.txt: holds no text"):
+        read_texts(tmp_path / "blank.txt")

@@ -13,14 +13,9 @@ import transformers
 from PIL import Image
 
 from lowrank_core.errors import CheckpointError, ConfigError, DataError
-from lowrank_core.instructions import (
-    InstructionBatcher,
-    SyntheticInstructionSpec,
-    generate_synthetic_instructions,
-    read_instructions,
-    reference,
-)
+from lowrank_core.instructions import InstructionBatcher, read_instructions, reference
 from lowrank_core.lm_data import IGNORE_INDEX
+from lowrank_core.modalities.instruct.synthetic import SyntheticInstructionSpec, generate_synthetic_instructions
 from lowrank_core.modeling import CHAT_TEMPLATES, _train_tokenizer, image_only_processor_class
 
 END = "<|im_end|>"

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import assert_reloads_to_trained, launch_data_parallel, vision_inputs
 from lowrank_core import lora
+from lowrank_core.data import load_image
 from lowrank_core.delta import DeltaConfig, export_delta
 from lowrank_core.errors import CheckpointError, ConfigError
+from lowrank_core.generation import greedy_generate
 from lowrank_core.grid import (PRESETS, STRATEGIES, arm_label, arm_path, arm_train_settings, grid_arms, grid_presets,
                                named_entries)
 from lowrank_core.io import load_tensors, read_json
@@ -327,7 +329,7 @@ def test_every_objective_trains_and_writes_its_outputs(inputs, tmp_path, objecti
     stats = run_arm(inputs, tmp_path, arm(objective=objective))
     out = tmp_path / "out"
     history = (out / "history.csv").read_text().splitlines()
-    assert history[0] == "step,loss,lr,samples_per_s,val_loss" and len(history) == 5
+    assert history[0] == "step,loss,lr,samples_per_s,val_loss,elapsed_s" and len(history) == 5
     assert (out / "head.safetensors").exists() == (objective != "lm")
     assert (out / "fusion.safetensors").exists() == (objective == "hybrid")
     assert set(read_json(out / "target_modules.json")) == set(
@@ -380,7 +382,12 @@ def test_killed_arm_resumes_to_the_same_adapter(inputs, tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="killed"):
             run_arm(inputs, tmp_path / "killed", settings)
     assert not (tmp_path / "killed" / "out").exists()
-    assert run_arm(inputs, tmp_path / "killed", settings)["resumed_from_step"] == 2
+    resumed = run_arm(inputs, tmp_path / "killed", settings)
+    assert resumed["resumed_from_step"] == 2
+    history = pd.read_csv(tmp_path / "killed" / "out" / "history.csv")
+    assert history["elapsed_s"].is_monotonic_increasing  # the train time runs on over the resume: the steps before
+    # the kill count in the arm's train_seconds
+    assert resumed["train_seconds"] >= history["elapsed_s"].iloc[-1]  # and the last checkpoint's save
     for name in ("adapter/adapter_model.safetensors", "head.safetensors"):
         expected = load_file(tmp_path / "whole" / "out" / name)
         resumed = load_file(tmp_path / "killed" / "out" / name)
@@ -485,3 +492,14 @@ def test_lm_scores_are_the_answer_log_odds_the_model_itself_computes(tiny_model_
     labels = [r["label"] for r in records]
     assert metrics["lm"]["classification"]["roc_auc"] == pytest.approx(roc_auc_score(labels, log_odds))
     assert metrics["lm"]["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    # the whole model's answer: its greedy words for each record's prompt and image, against the label's word
+    predictions = metrics["predictions"]
+    words = {1: settings.train.positive_word, 0: settings.train.negative_word}
+    assert predictions["id"].tolist() == [r["image_path"] for r in records]
+    assert predictions["reference"].tolist() == [words[label] for label in labels]
+    pixels = {"images_kwargs": {"size": {"shortest_edge": IMAGE_SIZE ** 2, "longest_edge": IMAGE_SIZE ** 2}}}
+    answer_tokens = max(len(ids) for ids in batcher.chat.answer_ids.values())  # the longer answer and end of turn
+    alone = greedy_generate(student.model, processor, [batcher.chat.prompt(records[0])], answer_tokens,
+                            images=[[load_image(records[0]["image_path"], IMAGE_SIZE)]], processor_kwargs=pixels)
+    assert predictions["generated"][0] == alone[0]
+    assert metrics["generation"]["exact_match"] == predictions["score"].mean()

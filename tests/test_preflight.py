@@ -4,14 +4,26 @@ import re
 
 import pytest
 
-from conftest import copy_workflow, snakemake, write_yaml
-
-REPORT = "results/reports/ablation.html"
+from conftest import REPORT, copy_workflow, snakemake, snakemake_many, write_yaml
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return copy_workflow(tmp_path_factory.mktemp("preflight") / "workflow")
+
+
+@pytest.fixture(scope="module")
+def failed_runs(tmp_path_factory) -> dict:
+    """Every case of CASES (on the default config) and DEPTH_CASES (on the depth example), each in its own clean copy
+    of the workflow, run at once (they stop at start-up): (workdir, completed run) by edit."""
+    runs = {}
+    for key in [*(case for case, _ in CASES), *((DEPTH, case) for case, _ in DEPTH_CASES)]:
+        root = tmp_path_factory.mktemp("case")
+        configs = ["config/config.yaml", *([key[0]] if isinstance(key, tuple) else [])]
+        edit = write_yaml(root / "edit.yaml", key[1] if isinstance(key, tuple) else key)
+        runs[key] = (copy_workflow(root / "workflow"), (REPORT, "--configfile", *configs, str(edit)))
+    results = snakemake_many(runs)
+    return {key: (workdir, results[key]) for key, (workdir, _) in runs.items()}
 
 
 CASES = [
@@ -71,13 +83,14 @@ CASES = [
      r"ConfigError: model\.source: /nonexistent/checkpoint is not a directory"),
     ("dataset:\n  source: /nonexistent/annotations\n",
      r"DataError: dataset\.source: /nonexistent/annotations is not a directory"),
+    ("eval:\n  general_text: /nonexistent/texts.txt\n",
+     r"ConfigError: eval\.general_text: /nonexistent/texts\.txt is not a file"),
 ]
 
 
 @pytest.mark.parametrize("edit, message", CASES, ids=[message.split(": ")[1].replace("\\", "") for _, message in CASES])
-def test_a_bad_config_fails_with_one_line_before_any_job(workdir, tmp_path, edit, message):
-    config = write_yaml(tmp_path / "edit.yaml", edit)
-    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", str(config))
+def test_a_bad_config_fails_with_one_line_before_any_job(failed_runs, edit, message):
+    workdir, result = failed_runs[edit]
     assert result.returncode == 1
     assert re.match(message, result.stderr.splitlines()[-1]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -133,9 +146,8 @@ DEPTH_CASES = [
 
 @pytest.mark.parametrize("edit, message", DEPTH_CASES,
                          ids=[message.split(": ")[1].replace("\\", "") for _, message in DEPTH_CASES])
-def test_a_bad_depth_config_fails_with_one_line_before_any_job(workdir, tmp_path, edit, message):
-    config = write_yaml(tmp_path / "edit.yaml", edit)
-    result = snakemake(workdir, REPORT, "--configfile", "config/config.yaml", DEPTH, str(config))
+def test_a_bad_depth_config_fails_with_one_line_before_any_job(failed_runs, edit, message):
+    workdir, result = failed_runs[(DEPTH, edit)]
     assert result.returncode == 1
     assert re.match(message, result.stderr.splitlines()[-1]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr

@@ -14,12 +14,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from conftest import REPO, copy_workflow, scheduled_jobs, snakemake, write_yaml
+from conftest import (REPO, REPORT, copy_workflow, run_to_report, scheduled_jobs, snakemake, snakemake_many,
+                      write_yaml)
 from lowrank_core.grid import arm_path
 from lowrank_core.head import load_head
 from lowrank_core.io import load_tensors, read_json
 
-REPORT = "results/reports/ablation.html"
 ARCHS = ("ResMLP", "MLP", "AdaLoRA")
 FEATURE_USERS = {"pretrain_head": 1, "train_lowrank_proj": 3, "compare_lowrank": 3}
 TEACHER = {"train_teacher": 1, "export_delta": 1}
@@ -41,9 +41,7 @@ PRESET_RANKS = {"light": 2, "standard": 4, "full": 8, "aggressive": 16}
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A clean copy of the workflow run to the report on the default config."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("run") / "workflow")
-    result = snakemake(workdir, REPORT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    workdir, result = run_to_report(tmp_path_factory.mktemp("run"))
     (workdir.parent / "console.txt").write_text(result.stdout + result.stderr)
     return workdir
 
@@ -296,42 +294,51 @@ def test_a_rerun_without_changes_does_nothing(finished_run):
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(
-    "override, expected",
-    [
-        ("features:\n  batch_size: 8\n",  # a new pre-trained head: the frozen-head arms rerun too
-         {"extract_features": 3, **FEATURE_USERS, "train_lora": FROZEN_HEAD_ARMS,
-          "collect": 1, "report": 1, "all": 1}),
-        ("dataset:\n  synthetic:\n    seed: 7\n",
-         {"make_synthetic_dataset": 1, "prepare_dataset": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER,
-          **ALL_ARMS, "report": 1, "all": 1}),
-        ("model:\n  tiny:\n    seed: 7\n",
-         {"build_tiny_model": 1, "prepare_model": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER, **ALL_ARMS,
-          "report": 1, "all": 1}),
-        ("head:\n  hidden: 32\n", {"pretrain_head": 1, "train_lora": HEAD_ARMS, "collect": 1,
-                                     "report": 1, "all": 1}),
-        ("lowrank:\n  extra_epochs: 5\n", {"train_lowrank_proj": 3, "compare_lowrank": 3, "report": 1, "all": 1}),
-        ("lowrank:\n  archs: [MLP]\n", {"report": 1, "all": 1}),
-        # every arm is measured against the teacher: all rerun (only the svd arms train again, the rest resume)
-        ("teacher:\n  max_steps: 50\n", {**TEACHER, "train_lora": ARMS,
-                                           "evaluate_references": 1, "collect": 1, "report": 1, "all": 1}),
-        ("delta:\n  ranks: [4, 8]\n", {"export_delta": 1, "train_lora": SVD_ARMS,
-                                        "evaluate_references": 1, "collect": 1, "report": 1, "all": 1}),
-        ("lora:\n  train_by_objective: {head_frozen: {lr: 0.001}}\n",  # every head_frozen arm, nothing else
-         {"train_lora": HEAD_FROZEN_ARMS, "collect": 1, "report": 1, "all": 1}),
-        ("lora:\n  presets:\n    light: {r: 3}\n", {"train_lora": LIGHT_ARMS, "collect": 1,
-                                                       "report": 1, "all": 1}),
-        ("lora:\n  fusion_tokens: 3\n", {"train_lora": HYBRID_ARMS, "collect": 1, "report": 1, "all": 1}),
-        ("lora:\n  target_loss: {lm: 0.4}\n", {"train_lora": LM_ARMS, "collect": 1, "report": 1, "all": 1}),
-        # a new seed reruns every arm's job (its finished seeds resume from their last checkpoint)
-        ("lora:\n  grid:\n    seeds: [0, 1, 2, 3]\n", {"train_lora": ARMS, "collect": 1,
-                                                          "report": 1, "all": 1}),
-        ("resources:\n  extract_features:\n    mem_mb: 3000\n", {}),
-    ],
-)
-def test_a_config_edit_reruns_exactly_its_stage_and_descendants(finished_run, tmp_path, override, expected):
-    edit = write_yaml(tmp_path / "edit.yaml", override)
-    result = snakemake(finished_run, "-n", "--configfile", "config/config.yaml", str(edit))
+EDITS = [
+    ("features:\n  batch_size: 8\n",  # a new pre-trained head: the frozen-head arms rerun too
+     {"extract_features": 3, **FEATURE_USERS, "train_lora": FROZEN_HEAD_ARMS,
+      "collect": 1, "report": 1, "all": 1}),
+    ("dataset:\n  synthetic:\n    seed: 7\n",
+     {"make_synthetic_dataset": 1, "prepare_dataset": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER,
+      **ALL_ARMS, "report": 1, "all": 1}),
+    ("model:\n  tiny:\n    seed: 7\n",
+     {"build_tiny_model": 1, "prepare_model": 1, "extract_features": 3, **FEATURE_USERS, **TEACHER, **ALL_ARMS,
+      "report": 1, "all": 1}),
+    ("head:\n  hidden: 32\n", {"pretrain_head": 1, "train_lora": HEAD_ARMS, "collect": 1,
+                                 "report": 1, "all": 1}),
+    ("lowrank:\n  extra_epochs: 5\n", {"train_lowrank_proj": 3, "compare_lowrank": 3, "report": 1, "all": 1}),
+    ("lowrank:\n  archs: [MLP]\n", {"report": 1, "all": 1}),
+    # every arm is measured against the teacher: all rerun (only the svd arms train again, the rest resume)
+    ("teacher:\n  max_steps: 50\n", {**TEACHER, "train_lora": ARMS,
+                                       "evaluate_references": 1, "collect": 1, "report": 1, "all": 1}),
+    ("delta:\n  ranks: [4, 8]\n", {"export_delta": 1, "train_lora": SVD_ARMS,
+                                    "evaluate_references": 1, "collect": 1, "report": 1, "all": 1}),
+    ("lora:\n  train_by_objective: {head_frozen: {lr: 0.001}}\n",  # every head_frozen arm, nothing else
+     {"train_lora": HEAD_FROZEN_ARMS, "collect": 1, "report": 1, "all": 1}),
+    ("lora:\n  presets:\n    light: {r: 3}\n", {"train_lora": LIGHT_ARMS, "collect": 1,
+                                                   "report": 1, "all": 1}),
+    ("lora:\n  fusion_tokens: 3\n", {"train_lora": HYBRID_ARMS, "collect": 1, "report": 1, "all": 1}),
+    ("lora:\n  target_loss: {lm: 0.4}\n", {"train_lora": LM_ARMS, "collect": 1, "report": 1, "all": 1}),
+    # a new seed reruns every arm's job (its finished seeds resume from their last checkpoint)
+    ("lora:\n  grid:\n    seeds: [0, 1, 2, 3]\n", {"train_lora": ARMS, "collect": 1,
+                                                      "report": 1, "all": 1}),
+    ("resources:\n  extract_features:\n    mem_mb: 3000\n", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def edit_dry_runs(finished_run, tmp_path_factory) -> dict:
+    """A dry run of the finished run for each of EDITS, run at once (a dry run only plans): the runs by edit."""
+    root = tmp_path_factory.mktemp("edits")
+    runs = {override: (finished_run, ("-n", "--configfile", "config/config.yaml",
+                                      str(write_yaml(root / f"edit{i}.yaml", override))))
+            for i, (override, _) in enumerate(EDITS)}
+    return snakemake_many(runs)
+
+
+@pytest.mark.parametrize("override, expected", EDITS)
+def test_a_config_edit_reruns_exactly_its_stage_and_descendants(edit_dry_runs, override, expected):
+    result = edit_dry_runs[override]
     assert result.returncode == 0, result.stderr[-3000:]
     assert scheduled_jobs(result.stdout + result.stderr) == expected
 
@@ -358,6 +365,9 @@ STAND_IN_CONFIGS = {
                            patch_size=16, deepstack_visual_indexes=[5, 11, 17]),
         text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                          num_key_value_heads=8, head_dim=128), tie_word_embeddings=True),
+    "qwen2_5_math_svd_init": transformers.Qwen2Config(  # Qwen2.5-Math-7B-Instruct
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, tie_word_embeddings=False),
     "qwen2_5_text_svd_init": transformers.Qwen2Config(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         tie_word_embeddings=True),

@@ -11,11 +11,12 @@ from lowrank_core.runtime import run_step
 def evaluate_references():
     inputs, params = snakemake.input, snakemake.params
     arm = ArmConfig.from_dict(params.arm)
-    for reference, out_json in zip(params.references, snakemake.output):
+    for reference, out_json in zip(params.references, snakemake.output.evaluations):
         rank = reference.removeprefix("teacher_r") if reference.startswith("teacher_r") else None
         evaluate_reference(inputs.model, inputs.manifest, arm, inputs.teacher if reference == "teacher" else None,
                            out_json, params.batch_size,
-                           Path(inputs.delta) / f"factors_r{rank}.safetensors" if rank else None)
+                           Path(inputs.delta) / f"factors_r{rank}.safetensors" if rank else None,
+                           inputs.get("general_text"))
 
 
 run_step(evaluate_references, snakemake.log[0], snakemake.resources.torch_threads)

@@ -1,9 +1,12 @@
-"""Validate every record (of the model's modality) and write the dataset manifest."""
+"""Validate every record (of the model's modality; against the model's tokenizer where it reads one) and write the
+dataset manifest."""
 
 from lowrank_core.data import DatasetConfig
 from lowrank_core.modalities import get_modality
 from lowrank_core.runtime import run_step
 
-run_step(lambda: get_modality(snakemake.params.modality).prepare_dataset(
-    DatasetConfig.from_dict(snakemake.params.dataset), snakemake.input[0], snakemake.output[0]),
+inputs, params = snakemake.input, snakemake.params
+reads_model = {"model_info_json": inputs.model, "task": params.task} if "model" in inputs.keys() else {}
+run_step(lambda: get_modality(params.modality).prepare_dataset(
+    DatasetConfig.from_dict(params.dataset), inputs[0], snakemake.output[0], **reads_model),
          snakemake.log[0], snakemake.resources.torch_threads)

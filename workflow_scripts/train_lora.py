@@ -19,7 +19,7 @@ def train_and_evaluate_seeds():
         launch(train_lora, inputs.model, inputs.manifest, arm, arm_dir, state_dir, tensorboard_dir,
                inputs.get("head"), inputs.get("delta"), init_dir, processes=max(1, snakemake.resources.gpu))
         evaluate_arm(inputs.model, inputs.manifest, arm, arm_dir, inputs.teacher, metrics_json, params.target_loss,
-                     params.batch_size, inputs.get("head"))
+                     params.batch_size, inputs.get("head"), inputs.get("general_text"))
 
 
 run_step(train_and_evaluate_seeds, snakemake.log[0], snakemake.resources.torch_threads)

@@ -36,8 +36,10 @@ class ModalityInfo:
     (`model.<tiny>`) and synthetic dataset (`dataset.<synthetic>`), None where it has none; whether a dataset
     source holds the annotation files `dataset.splits` names (or is read as a whole); the config section its
     objectives read beyond training (`task`), with the keys of it only evaluation reads (`task_evaluation_keys`: an
-    edit there must not retrain the teacher); the keys of `dataset` it reads; and the LoRA inits its batches cannot
-    drive, each with the reason.
+    edit there must not retrain the teacher); the keys of `dataset` it reads; the LoRA inits its batches cannot
+    drive, each with the reason; whether the dataset job checks the records against the model (its tokenizer); and
+    whether its evaluations write per-sample predictions (`predictions.csv`); and whether it has a language model
+    (to score general text with, `eval.general_text`).
     """
 
     name: str
@@ -53,22 +55,33 @@ class ModalityInfo:
     task_evaluation_keys: tuple[str, ...] = ()
     dataset_keys: tuple[str, ...] = ("source", "splits", "synthetic")
     unsupported_inits: dict[str, str] = dataclasses.field(default_factory=dict)
+    dataset_reads_model: bool = False
+    predictions: bool = False
+    language: bool = True
 
 
 CLASSIFICATION = Score("roc_auc", "ROC-AUC", higher_is_better=True, chance=0.5)
 INFO = {
     "vision_language": ModalityInfo("vision_language", OBJECTIVES[:5], "lm", True, CLASSIFICATION,
-                                    {"transformers": STRATEGIES}, tiny="tiny", synthetic="synthetic"),
+                                    {"transformers": STRATEGIES}, tiny="tiny", synthetic="synthetic",
+                                    predictions=True),
     "text": ModalityInfo("text", ("lm",), "lm", False, CLASSIFICATION, {"transformers": STRATEGIES},
-                         tiny=None, synthetic=None),
+                         tiny=None, synthetic=None, predictions=True),
+    "instruct": ModalityInfo("instruct", ("sft",), "sft", False, Score("exact_match", "exact match", True, None),
+                             {"transformers": STRATEGIES}, tiny="tiny_text", synthetic="synthetic_instructions",
+                             task="sft", task_evaluation_keys=("max_new_tokens", "numeric_tolerance"),
+                             dataset_keys=("source", "splits", "synthetic_instructions"), dataset_reads_model=True,
+                             predictions=True),
     "depth": ModalityInfo("depth", ("depth",), "depth", False, Score("abs_rel", "AbsRel", False, None),
                           DEPTH_STRATEGIES, tiny="tiny_depth", synthetic="synthetic_scenes", split_files=False,
                           task="depth", task_evaluation_keys=("alignment",),
                           dataset_keys=("source", "eth3d", "synthetic_scenes"),
                           unsupported_inits={"corda": "PEFT's covariance hook reads one record's layer inputs as a "
-                                             "[tokens, channels] matrix, and a depth record is a window of frames"}),
+                                             "[tokens, channels] matrix, and a depth record is a window of frames"},
+                          language=False),
 }
-_MODULES = {"vision_language": "vision_language", "text": "text", "depth": "depth.modality"}
+_MODULES = {"vision_language": "vision_language", "text": "text", "instruct": "instruct.modality",
+            "depth": "depth.modality"}
 
 
 def get_modality(name: str):

@@ -38,7 +38,8 @@ class Modality(abc.ABC):
     @abc.abstractmethod
     def prepare_dataset(self, dataset: DatasetConfig, synthetic_dir: str | Path | None,
                         out_manifest: str | Path) -> dict:
-        """Validate every record and write the manifest: `{"splits": {split: {"count", "records"}}, ...}`."""
+        """Validate every record and write the manifest: `{"splits": {split: {"count", "records"}}, ...}`.
+        A modality whose `info.dataset_reads_model` also takes `model_info_json` and the `task` settings."""
 
     def generate_synthetic(self, out_dir: str | Path, spec: dict) -> None:
         """Write the synthetic dataset of `dataset.<info.synthetic>` `spec` (modalities that have one)."""

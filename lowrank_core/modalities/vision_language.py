@@ -10,6 +10,11 @@ Classification scores come from the detection head where the objective has one, 
 p(positive answer) / (p(positive) + p(negative)), the answers' summed token log-probabilities compared. Arms with
 an LM objective (and the references) also get the test LM loss (mean cross-entropy per answer token) and its
 perplexity; arms with a head get pixel F1 / IoU of its heat maps.
+
+Every evaluation also gives its per-sample answers (`predictions`, written as `predictions.csv`): where a head
+decides, its word at the threshold; otherwise the whole model's: the words its language model generates greedily for
+the prompt, scored against the label's word by exact match after normalisation (`generated_accuracy`: a model that
+answers anything but one of the two words is wrong, however its log-probabilities rank them).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import data, modeling
-from ..data import DatasetConfig
+from ..data import DatasetConfig, load_image
 from ..errors import CheckpointError, ConfigError
 from ..features import token_masks
+from ..generation import greedy_generate, prediction_metrics, score_predictions
 from ..grid import FROZEN_HEAD_OBJECTIVES, VISION_OBJECTIVES
 from ..head import DetectionHead, head_losses, load_head, save_head
 from ..io import load_tensors, save_tensors
@@ -219,7 +225,36 @@ class VisionLanguage(Modality):
             result["lm"] = {"loss": nll / tokens, "perplexity": math.exp(nll / tokens),
                             "classification": lm_classification}
             result.setdefault("classification", lm_classification)
+        if image_scores:  # the detection head decides
+            answers = [int(score >= threshold) for score in torch.cat(image_scores).tolist()]
+            result["predictions"] = self.predictions(records, batcher, arm, answers=answers)
+        else:  # the whole model answers: greedily generated words, parsed
+            result["predictions"] = self.predictions(records, batcher, arm, student=student, batch_size=batch_size)
+            result["generation"] = prediction_metrics(result["predictions"])
         return result
+
+    def predictions(self, records: list[dict], batcher: ArmBatcher, arm, answers: list[int] | None = None,
+                    student: LoraStudent | None = None, batch_size: int = 8):
+        """Per test record (`generation.PREDICTION_COLUMNS`) its answer word: the detection head's decision
+        (`answers`, no prompt), or what `student`'s language model generates greedily for the record's prompt; scored
+        against the label's word by exact match after normalisation."""
+        words = {1: arm.train.positive_word, 0: arm.train.negative_word}
+        chat = batcher.chat
+        if answers is not None:
+            prompts, generated = [""] * len(records), [words[answer] for answer in answers]
+        else:
+            prompts = [chat.prompt(record) for record in records]
+            images = kwargs = None
+            if chat.image_size is not None:
+                images = [[load_image(record["image_path"], chat.image_size)] for record in records]
+                pixels = chat.image_size * chat.image_size
+                kwargs = {"images_kwargs": {"size": {"shortest_edge": pixels, "longest_edge": pixels}}}
+            answer_tokens = max(len(ids) for ids in chat.answer_ids.values())
+            generated = greedy_generate(student.model, chat.processor, prompts, answer_tokens, batch_size, images,
+                                        kwargs)
+        examples = [{"id": self.record_id(record), "prompt": prompt, "reference": words[record["label"]]}
+                    for record, prompt in zip(records, prompts)]
+        return score_predictions(examples, generated)
 
     def dataset_section(self, manifest: dict):
         from ..report import dataset_section
@@ -234,7 +269,8 @@ class VisionLanguage(Modality):
         row |= {k: pixel.get(k) for k in ("pixel_f1", "pixel_iou")}
         lm = metrics.get("lm") or {}
         return row | {"lm_loss": lm.get("loss"), "perplexity": lm.get("perplexity"),
-                      "lm_roc_auc": (lm.get("classification") or {}).get("roc_auc")}
+                      "lm_roc_auc": (lm.get("classification") or {}).get("roc_auc"),
+                      "generated_accuracy": (metrics.get("generation") or {}).get("exact_match")}
 
 
 def fusion_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], fused: torch.Tensor, fusion_mask: torch.Tensor,
