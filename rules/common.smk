@@ -93,9 +93,9 @@ def grid_baseline():
 
 
 def task_settings(training_only=False):
-    """What every objective of the modality reads beyond training: the image size of a vision-language model, the
-    modality's own section (`depth`), without its evaluation-only keys for `training_only` (the teacher)."""
-    settings = {"image_size": config["features"]["image_size"] if VISION else None}
+    """What every objective of the modality reads beyond training: the image size where records carry images, the
+    modality's own section (`depth`, `sft`), without its evaluation-only keys for `training_only` (the teacher)."""
+    settings = {"image_size": config["features"]["image_size"] if MODALITY.image_inputs else None}
     if MODALITY.task:
         section = config_slice(MODALITY.task)
         settings[MODALITY.task] = {key: value for key, value in section.items()

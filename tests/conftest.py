@@ -22,10 +22,24 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from lowrank_core.modeling import TinyModelSpec, build_tiny_model
+def default_run(tmp_path_factory) -> Path:
+    """A clean copy of the workflow run to the report on the default config (its console output in console.txt
+    beside it): the workflow tests read it, the SLURM slice starts from its built inputs and compares with it."""
+    workdir, result = run_to_report(tmp_path_factory.mktemp("run"))
+    (workdir.parent / "console.txt").write_text(result.stdout + result.stderr)
+    return workdir
 
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", TinyModelSpec())
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(default_run) -> Path:
+    """The default's tiny model (`TinyModelSpec()`, pre-trained), as the default run built it."""
+    import yaml
+
+    from lowrank_core.modeling import ModelConfig, TinyModelSpec
+
+    default = yaml.safe_load((REPO / "config/config.yaml").read_text())["model"]
+    assert ModelConfig.from_dict(default).tiny == TinyModelSpec()  # what the unit tests take its shape to be
+    return default_run / "data/models/tiny"
 
 
 def vision_inputs(root: Path, model_dir: Path, image_size: int, train: int, val: int, test: int) -> tuple[Path, Path]:

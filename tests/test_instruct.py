@@ -3,14 +3,20 @@ its report section."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pandas as pd
 import pytest
 import transformers
+from peft import PeftModel
+from PIL import Image
+from safetensors.torch import load_file
 
+from lowrank_core import lora
 from lowrank_core.data import DatasetConfig
 from lowrank_core.errors import DataError
+from lowrank_core.grid import STRATEGIES
 from lowrank_core.io import read_json, write_json
 from lowrank_core.lora import ArmConfig
 from lowrank_core.lora_eval import evaluate_reference
@@ -117,3 +123,53 @@ def test_the_predictions_section_links_every_seeds_predictions(tmp_path):
     assert '<a href="../eval/references/teacher_predictions.csv">predictions</a>' in section.html
     assert "0.55 ± 0.071" in section.html  # the svd arm's exact match over its two seeds
     assert "ROC-AUC" not in section.html  # only the scores the tables have
+
+
+def test_a_vision_language_model_fine_tunes_on_records_with_images(tiny_model_dir, tmp_path):
+    """sft on the tiny Qwen2.5-VL: the images of user turns reach the vision tower, whose adapters train, and every
+    test record gets a generated answer."""
+    data = tmp_path / "data"
+    data.mkdir()
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (64, 64), rgb).save(data / f"{name}.png")
+    for split, count in (("train", 8), ("val", 2), ("test", 2)):
+        records = [{"id": f"{split}{i}", "messages": [
+            {"role": "user", "content": [{"type": "image", "image_path": f"{colour}.png"},
+                                         {"type": "text", "text": "Which colour is the image?"}]},
+            {"role": "assistant", "content": colour}]} for i, colour in zip(range(count), itertools.cycle(colours))]
+        (data / f"{split}.json").write_text(json.dumps(records))
+    write_json(tmp_path / "model.json", {"path": str(tiny_model_dir), "dtype": "float32", "modality": "instruct"})
+    INSTRUCT.prepare_dataset(DatasetConfig(source=str(data)), None, tmp_path / "manifest.json", tmp_path / "model.json",
+                             {"image_size": 64})
+    arm = ArmConfig.from_dict({"objective": "sft", "image_size": 64, "preset": {"r": 4, "alpha": 8},
+                               "strategy": STRATEGIES["later_half"], "sft": {"max_new_tokens": 3},
+                               "train": {"max_steps": 2, "batch_size": 2, "lr": 0.01, "warmup_steps": 0,
+                                         "eval_every": 2, "checkpoint_every": 2}})
+    inputs = (tmp_path / "model.json", tmp_path / "manifest.json")
+    lora.train_lora(*inputs, arm, tmp_path / "arm", tmp_path / "state", tmp_path / "tb")
+    adapter = load_file(tmp_path / "arm" / "adapter" / "adapter_model.safetensors")
+    vision = [name for name in adapter if ".visual.blocks." in name and "lora_B" in name]
+    assert vision and all(adapter[name].abs().sum() > 0 for name in vision)  # B starts at 0: the images trained it
+    evaluate_reference(*inputs, arm, None, tmp_path / "eval" / "base.json", batch_size=2)
+    predictions = pd.read_csv(tmp_path / "eval" / "base_predictions.csv", dtype=TEXT, keep_default_na=False)
+    assert predictions["id"].tolist() == ["test0", "test1"] and predictions["reference"].tolist() == ["red", "blue"]
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "lora_ga"])
+def test_the_data_driven_inits_start_an_sft_student_from_instruction_batches(base, tmp_path, init):
+    """eva / corda / lora_ga read instruction batches (assistant-only labels) for their preprocessing; the arm then
+    trains, and its adapter reloads with plain PEFT."""
+    generate_synthetic_instructions(tmp_path / "data", SMALL)
+    INSTRUCT.prepare_dataset(DatasetConfig(), tmp_path / "data", tmp_path / "manifest.json", base, {})
+    arm = ArmConfig.from_dict({"objective": "sft", "init": init, "preset": {"r": 4, "alpha": 8},
+                               "strategy": STRATEGIES["all"], "eva": {"batches": 2}, "corda": {"samples": 4},
+                               "lora_ga": {"batches": 2},
+                               "train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "eval_every": 2,
+                                         "checkpoint_every": 2}})
+    stats = lora.train_lora(base, tmp_path / "manifest.json", arm, tmp_path / "arm", tmp_path / "state",
+                            tmp_path / "tb")
+    assert stats["init_preprocessing"] == "shared" and stats["init_seconds"] > 0 and stats["steps"] == 2
+    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(read_json(base)["path"]),
+                                      tmp_path / "arm" / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())

@@ -14,8 +14,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from conftest import (REPO, REPORT, copy_workflow, run_to_report, scheduled_jobs, snakemake, snakemake_many,
-                      write_yaml)
+from conftest import REPO, REPORT, copy_workflow, scheduled_jobs, snakemake, snakemake_many, write_yaml
 from lowrank_core.grid import arm_path
 from lowrank_core.head import load_head
 from lowrank_core.io import load_tensors, read_json
@@ -38,17 +37,9 @@ CHANCE, LEARNED = 0.5, 0.15  # test ROC-AUC of a blind guess; the margin by whic
 PRESET_RANKS = {"light": 2, "standard": 4, "full": 8, "aggressive": 16}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A clean copy of the workflow run to the report on the default config."""
-    workdir, result = run_to_report(tmp_path_factory.mktemp("run"))
-    (workdir.parent / "console.txt").write_text(result.stdout + result.stderr)
-    return workdir
-
-
-def test_features_have_the_contracted_shapes_and_metadata(finished_run):
+def test_features_have_the_contracted_shapes_and_metadata(default_run):
     for split, count in (("train", 320), ("val", 64), ("test", 96)):
-        tensors, meta = load_tensors(finished_run / f"results/features/{split}.safetensors")
+        tensors, meta = load_tensors(default_run / f"results/features/{split}.safetensors")
         assert tensors["features"].shape == (count, 64, 64)  # 8x8 tokens x text hidden size
         assert tensors["labels"].tolist() == [i % 2 for i in range(count)]
         assert tensors["token_masks"].shape == (count, 8, 8) and tensors["has_mask"].all()
@@ -56,16 +47,16 @@ def test_features_have_the_contracted_shapes_and_metadata(finished_run):
         assert (meta["grid_h"], meta["grid_w"], meta["image_size"], meta["split"]) == (8, 8, 64, split)
         assert meta["model_type"] == "qwen2_5_vl" and Path(meta["model"]).name == "tiny"
         assert meta["features_config"]["batch_size"] == 16 and len(meta["image_paths"]) == count
-        stats = read_json(finished_run / f"results/features/{split}_stats.json")
+        stats = read_json(default_run / f"results/features/{split}_stats.json")
         assert stats["images"] == count and 1 <= stats["rank_90"] <= stats["rank_99"] <= 64
 
 
-def test_tampering_is_learnable_from_the_features(finished_run):
+def test_tampering_is_learnable_from_the_features(default_run):
     """A small probe on cached tokens localises tampering above chance by the learned margin: the data carries a real
     signal."""
 
     def tokens(split):
-        tensors, _ = load_tensors(finished_run / f"results/features/{split}.safetensors")
+        tensors, _ = load_tensors(default_run / f"results/features/{split}.safetensors")
         return tensors["features"].flatten(0, 1).numpy(), (tensors["token_masks"].flatten() > 0.5).numpy()
 
     (x_train, y_train), (x_test, y_test) = tokens("train"), tokens("test")
@@ -74,8 +65,8 @@ def test_tampering_is_learnable_from_the_features(finished_run):
     assert roc_auc_score(y_test, probe.predict_proba(scaler.transform(x_test))[:, 1]) > CHANCE + LEARNED
 
 
-def test_report_is_self_contained(finished_run):
-    page = (finished_run / REPORT).read_text()
+def test_report_is_self_contained(default_run):
+    page = (default_run / REPORT).read_text()
     for heading in ("Provenance", "Dataset", "Vision features", "Detection head", "Low-rank feature decomposition",
                     "Teacher full fine-tune", "Is ΔW low-rank?", "LoRA ablation grid", "config hash",
                     "package versions"):
@@ -84,50 +75,50 @@ def test_report_is_self_contained(finished_run):
     assert "http://" not in page and "https://" not in page and "<link" not in page and "<script src" not in page
 
 
-def test_every_job_wrote_its_log_and_benchmark(finished_run):
+def test_every_job_wrote_its_log_and_benchmark(default_run):
     jobs = ["build_tiny_model", "prepare_model", "make_synthetic_dataset", "prepare_dataset", "pretrain_head",
             "train_teacher", "export_delta", "report"]
     jobs += [f"extract_features_{split}" for split in ("train", "val", "test")]
     jobs += [f"compare_lowrank_{arch}" for arch in ARCHS]
     logs = [f"results/logs/{job}.log" for job in jobs] + [f"results/lowrank/{arch}/train.log" for arch in ARCHS]
     for log in logs:
-        assert (finished_run / log).is_file(), log
+        assert (default_run / log).is_file(), log
     for job in jobs + [f"train_lowrank_proj_{arch}" for arch in ARCHS]:
-        assert (finished_run / f"results/benchmarks/{job}.tsv").read_text().startswith("s\t"), job
+        assert (default_run / f"results/benchmarks/{job}.tsv").read_text().startswith("s\t"), job
 
 
-def test_head_learns_to_detect_and_localise(finished_run):
-    metrics = read_json(finished_run / "results/head/metrics.json")
+def test_head_learns_to_detect_and_localise(default_run):
+    metrics = read_json(default_run / "results/head/metrics.json")
     test = metrics["test"]
     assert test["classification"]["roc_auc"] > 0.75 and test["classification"]["n"] == 96
     assert test["pixel"]["pixel_iou"] > test["pixel"]["all_zero"]["pixel_iou"] + 0.1
-    history = pd.read_csv(finished_run / "results/head/history.csv")
+    history = pd.read_csv(default_run / "results/head/history.csv")
     assert list(history["phase"].unique()) == ["warm", "joint"] and len(history) == 3 + 15
     assert history[history["phase"] == "joint"]["val_roc_auc"].max() == metrics["best_val_roc_auc"]
-    head = load_head(finished_run / "results/head/head.safetensors")
+    head = load_head(default_run / "results/head/head.safetensors")
     assert head.init_args == {"in_dim": 64, "hidden": 64, "dropout": 0.1}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_each_lowrank_net_learns_and_never_beats_the_svd(finished_run, arch):
-    history = read_json(finished_run / f"results/lowrank/{arch}/history.json")
+def test_each_lowrank_net_learns_and_never_beats_the_svd(default_run, arch):
+    history = read_json(default_run / f"results/lowrank/{arch}/history.json")
     assert history["best_val_mse"] < history["initial_val_mse"]
     assert history["stop_reason"] in ("early_stopping", "max_epochs") and history["epochs_run"] <= 30
     assert [e["epoch"] for e in history["epochs"]] == list(range(1, history["epochs_run"] + 1))
-    comparison = read_json(finished_run / f"results/lowrank/{arch}/comparison.json")
+    comparison = read_json(default_run / f"results/lowrank/{arch}/comparison.json")
     assert comparison["n_samples"] == 96 and comparison["rank"] == 8
     assert comparison["network"]["mse"] >= comparison["svd"]["mse"] > 0
     # it learned: at least half the energy the per-sample SVD (the optimum at its rank) captures; zeros capture none
     assert comparison["network"]["energy_captured"] > 0.5 * comparison["svd"]["energy_captured"]
     assert comparison["ratio"]["mse"] == pytest.approx(comparison["network"]["mse"] / comparison["svd"]["mse"])
     assert comparison["network"]["seconds_per_sample"] > 0 and comparison["svd"]["seconds_per_sample"] > 0
-    assert (finished_run / f"results/state/lowrank/{arch}/state.safetensors").is_file()
+    assert (default_run / f"results/state/lowrank/{arch}/state.safetensors").is_file()
 
 
-def test_extra_epochs_continue_the_finished_run(finished_run, tmp_path):
+def test_extra_epochs_continue_the_default_run(default_run, tmp_path):
     """Raising `lowrank.extra_epochs` reruns training from the stored state instead of from scratch."""
     workdir = tmp_path / "workflow"
-    shutil.copytree(finished_run, workdir, symlinks=True)
+    shutil.copytree(default_run, workdir, symlinks=True)
     before = read_json(workdir / "results/lowrank/MLP/history.json")
     edit = write_yaml(tmp_path / "edit.yaml", "lowrank:\n  extra_epochs: 4\n")
     result = snakemake(workdir, "results/lowrank/MLP/comparison.json", "--configfile", "config/config.yaml", str(edit))
@@ -139,24 +130,24 @@ def test_extra_epochs_continue_the_finished_run(finished_run, tmp_path):
     assert before["epochs_run"] < after["epochs_run"] <= before["epochs_run"] + 4
 
 
-def test_teacher_is_a_loadable_fine_tune_with_its_logs(finished_run):
+def test_teacher_is_a_loadable_fine_tune_with_its_logs(default_run):
     from transformers import AutoModelForImageTextToText
 
-    teacher = finished_run / "results/teacher/model"
+    teacher = default_run / "results/teacher/model"
     history = pd.read_csv(teacher / "history.csv")
     assert list(history["step"]) == list(range(1, TEACHER_STEPS + 1))
     val_loss = history["val_loss"].dropna()
     assert val_loss.iloc[-1] < 0.5 * history["loss"].iloc[0]
     model = AutoModelForImageTextToText.from_pretrained(teacher)
-    base = AutoModelForImageTextToText.from_pretrained(finished_run / "data/models/tiny")
+    base = AutoModelForImageTextToText.from_pretrained(default_run / "data/models/tiny")
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, base.get_parameter(name))]
     assert any(".visual." in name for name in changed) and any("language_model" in name for name in changed)
-    assert list((finished_run / "results/tensorboard/teacher").rglob("events.out.tfevents.*"))
-    assert (finished_run / "results/state/teacher/checkpoint").is_dir()
+    assert list((default_run / "results/tensorboard/teacher").rglob("events.out.tfevents.*"))
+    assert (default_run / "results/state/teacher/checkpoint").is_dir()
 
 
-def test_delta_export_holds_lora_factors_of_the_teachers_change(finished_run):
-    delta = finished_run / "results/delta"
+def test_delta_export_holds_lora_factors_of_the_teachers_change(default_run):
+    delta = default_run / "results/delta"
     analysis = read_json(delta / "svd_analysis.json")
     assert analysis["ranks"] == [4, 8, 16, 32] and analysis["groups"]["all"]["modules"] > 0
     assert {"vision", "language"} <= set(analysis["groups"]["by_tower"])
@@ -171,15 +162,15 @@ def test_delta_export_holds_lora_factors_of_the_teachers_change(finished_run):
     assert "Energy captured" in (delta / "svd_summary.txt").read_text()
 
 
-def test_every_arm_is_trained_evaluated_and_collected(finished_run):
-    table = pd.read_csv(finished_run / "results/reports/ablation.csv")
+def test_every_arm_is_trained_evaluated_and_collected(default_run):
+    table = pd.read_csv(default_run / "results/reports/ablation.csv")
     assert len(table) == ARM_RUNS and not table.duplicated(AXES).any()
     assert set(table["preset"]) == {"light", "standard", "full", "aggressive"}
     assert set(table["init"]) == {"random", "gaussian", "svd", "pissa", "olora"}
     assert set(table["objective"]) == {"head", "head_frozen", "lm", "hybrid", "hybrid_frozen"}
     assert set(table["strategy"]) == {"later_half", "all", "head_only"} and set(table["seed"]) == set(SEEDS)
     for row in table.itertuples():
-        arm = finished_run / "results/lora" / arm_path(row._asdict())
+        arm = default_run / "results/lora" / arm_path(row._asdict())
         assert {"adapter", "history.csv", "train_stats.json", "target_modules.json"} <= {p.name for p in arm.iterdir()}
         assert (arm / "head.safetensors").exists() == (row.objective in ("head", "hybrid"))
         converted = 2 if row.init in ("pissa", "olora") else 1  # saved as plain LoRA of twice the rank
@@ -187,16 +178,16 @@ def test_every_arm_is_trained_evaluated_and_collected(finished_run):
         assert len(pd.read_csv(arm / "history.csv")) == STEPS and row.trainable_parameters > 0
         settings = read_json(arm / "train_stats.json")["train"]  # what it trained with: lora.train, its own seed
         assert (settings["lr"], settings["max_steps"], settings["seed"]) == (row.lr, STEPS, row.seed)
-        assert list((finished_run / "results/tensorboard/lora").glob(f"{row.objective}/**/events.out.tfevents.*"))
-    references = pd.read_csv(finished_run / "results/reports/references.csv").set_index("model")
+        assert list((default_run / "results/tensorboard/lora").glob(f"{row.objective}/**/events.out.tfevents.*"))
+    references = pd.read_csv(default_run / "results/reports/references.csv").set_index("model")
     assert references.loc["teacher", "trainable_percent"] == 100 and references.loc["base", "trainable_parameters"] == 0
     assert [references.loc[f"teacher_r{rank}", "rank"] for rank in RANKS] == list(RANKS)
     assert (references.loc[[f"teacher_r{rank}" for rank in RANKS], "trainable_parameters"] == 0).all()
-    distance = pd.read_csv(finished_run / "results/reports/module_distance.csv")
+    distance = pd.read_csv(default_run / "results/reports/module_distance.csv")
     svd = table[table["init"] == "svd"]
     assert len(distance.merge(svd[AXES])) > 0 and (distance["relative_distance"] >= 0).all()
     assert set(distance["tower"]) <= {"vision", "merger", "language", "lm_head"}
-    assert len(pd.read_csv(finished_run / "results/reports/ablation_history.csv")) == STEPS * ARM_RUNS
+    assert len(pd.read_csv(default_run / "results/reports/ablation_history.csv")) == STEPS * ARM_RUNS
 
 
 def tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -210,22 +201,22 @@ def beyond_noise(values: pd.Series) -> float:
     return values.mean() - 2 * values.std(ddof=1) / len(values) ** 0.5
 
 
-def test_the_teacher_learns_the_label_through_its_answer(finished_run):
+def test_the_teacher_learns_the_label_through_its_answer(default_run):
     """The full fine-tune answers the tamper question far above chance and above the untrained base, and its training
     loss ends below the label-blind bound, where a model that learned only the answer format would sit."""
-    _, references = tables(finished_run)
+    _, references = tables(default_run)
     teacher, base = references.loc["teacher"], references.loc["base"]
     assert teacher["roc_auc"] >= CHANCE + LEARNED and teacher["roc_auc"] >= base["roc_auc"] + LEARNED
-    history = pd.read_csv(finished_run / "results/teacher/model/history.csv")
+    history = pd.read_csv(default_run / "results/teacher/model/history.csv")
     assert history["loss"].tail(5).mean() < 0.9 * teacher["label_blind_loss"]
     assert 0 < teacher["positive_rate"] < 1  # not one answer for every image
 
 
-def test_every_objectives_baseline_arm_learns_beyond_noise(finished_run):
+def test_every_objectives_baseline_arm_learns_beyond_noise(default_run):
     """For each objective, the baseline arm (full / random / later_half) scores above the base beyond its seed noise
     and by the learned margin on average; the lm arm's loss falls and it gives both answers; the fresh-head arm
     detects well."""
-    table, references = tables(finished_run)
+    table, references = tables(default_run)
     baseline = table[(table["preset"] == "full") & (table["init"] == "random")
                      & (table["strategy"] == "later_half")]
     scores = baseline.groupby("objective")["roc_auc"]
@@ -238,11 +229,11 @@ def test_every_objectives_baseline_arm_learns_beyond_noise(finished_run):
     assert (lm["final_loss"] < lm["initial_loss"]).all() and (lm["positive_rate"].between(0, 1, "neither")).any()
 
 
-def test_svd_init_reaches_the_target_sooner_and_ends_closer_to_the_teacher(finished_run):
+def test_svd_init_reaches_the_target_sooner_and_ends_closer_to_the_teacher(default_run):
     """The SVD-init study's two claims, paired per seed (same seed, same data order) on the lm baseline: the svd arm
     reaches the target loss sooner than the random one (never reaching it counts as never) and ends closer to the
     teacher in ‖ΔW_student − ΔW_teacher‖ / ‖ΔW_teacher‖."""
-    table, _ = tables(finished_run)
+    table, _ = tables(default_run)
     lm = table[(table["objective"] == "lm") & (table["preset"] == "full") & (table["strategy"] == "later_half")]
     lm = lm.set_index(["init", "seed"])
     for seed in SEEDS:
@@ -251,46 +242,46 @@ def test_svd_init_reaches_the_target_sooner_and_ends_closer_to_the_teacher(finis
         assert svd["delta_distance"] < random["delta_distance"]
 
 
-def test_the_task_is_not_trivial(finished_run):
+def test_the_task_is_not_trivial(default_run):
     """The arms spread out instead of all sitting at a perfect score."""
-    table, _ = tables(finished_run)
+    table, _ = tables(default_run)
     means = table.groupby(AXES[:-1])["roc_auc"].mean()
     assert means.max() < 0.99 and means.max() - means.min() > 0.05
 
 
-def test_the_report_leads_with_findings_and_does_not_call_the_teacher_unlearned(finished_run):
+def test_the_report_leads_with_findings_and_does_not_call_the_teacher_unlearned(default_run):
     """Findings first, then warnings; on the default, none says the teacher did not learn the task."""
-    page = (finished_run / REPORT).read_text()
+    page = (default_run / REPORT).read_text()
     sections = [page.index(f'<section id="{name}">') for name in ("findings", "warnings", "dataset")]
     assert sections == sorted(sections)
     warnings = re.findall(r"<li>(.*?)</li>", page[sections[1]:sections[2]])
     assert warnings and not [line for line in warnings if line.startswith("teacher:") and "did not learn" in line]
 
 
-def test_the_console_shows_snakemakes_progress_and_leaves_job_output_to_the_logs(finished_run):
-    console = (finished_run.parent / "console.txt").read_text()
+def test_the_console_shows_snakemakes_progress_and_leaves_job_output_to_the_logs(default_run):
+    console = (default_run.parent / "console.txt").read_text()
     assert "steps (100%) done" in console
     assert "Warning" not in console and not re.search(r"step/s|it/s|batch/s|epoch/s", console)
-    teacher_log = (finished_run / "results/logs/train_teacher.log").read_text()
+    teacher_log = (default_run / "results/logs/train_teacher.log").read_text()
     assert "train: 100%" in teacher_log and "INFO lowrank_core" in teacher_log
 
 
 @pytest.mark.parametrize("key", ["model", "dataset"])
-def test_a_source_that_does_not_exist_fails_before_any_job_instead_of_reporting_old_results(finished_run, tmp_path,
+def test_a_source_that_does_not_exist_fails_before_any_job_instead_of_reporting_old_results(default_run, tmp_path,
                                                                                            key):
     """The finished run's outputs would look up to date: the missing source must stop the workflow first."""
-    before = {path: path.stat().st_mtime_ns for path in (finished_run / "results").rglob("*")}
+    before = {path: path.stat().st_mtime_ns for path in (default_run / "results").rglob("*")}
     edit = write_yaml(tmp_path / "edit.yaml", f"{key}:\n  source: {tmp_path / 'moved'}\n")
-    result = snakemake(finished_run, REPORT, "--configfile", "config/config.yaml", str(edit))
+    result = snakemake(default_run, REPORT, "--configfile", "config/config.yaml", str(edit))
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].endswith(f"{key}.source: {tmp_path / 'moved'} is not a directory "
                                                    f"({'a local checkpoint' if key == 'model' else 'of annotation files'}"
                                                    f", or '{'tiny' if key == 'model' else 'synthetic'}')")
-    assert {path: path.stat().st_mtime_ns for path in (finished_run / "results").rglob("*")} == before
+    assert {path: path.stat().st_mtime_ns for path in (default_run / "results").rglob("*")} == before
 
 
-def test_a_rerun_without_changes_does_nothing(finished_run):
-    result = snakemake(finished_run, "-n", REPORT)
+def test_a_rerun_without_changes_does_nothing(default_run):
+    result = snakemake(default_run, "-n", REPORT)
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
 
 
@@ -327,10 +318,10 @@ EDITS = [
 
 
 @pytest.fixture(scope="module")
-def edit_dry_runs(finished_run, tmp_path_factory) -> dict:
+def edit_dry_runs(default_run, tmp_path_factory) -> dict:
     """A dry run of the finished run for each of EDITS, run at once (a dry run only plans): the runs by edit."""
     root = tmp_path_factory.mktemp("edits")
-    runs = {override: (finished_run, ("-n", "--configfile", "config/config.yaml",
+    runs = {override: (default_run, ("-n", "--configfile", "config/config.yaml",
                                       str(write_yaml(root / f"edit{i}.yaml", override))))
             for i, (override, _) in enumerate(EDITS)}
     return snakemake_many(runs)

@@ -38,8 +38,9 @@ class ModalityInfo:
     objectives read beyond training (`task`), with the keys of it only evaluation reads (`task_evaluation_keys`: an
     edit there must not retrain the teacher); the keys of `dataset` it reads; the LoRA inits its batches cannot
     drive, each with the reason; whether the dataset job checks the records against the model (its tokenizer); and
-    whether its evaluations write per-sample predictions (`predictions.csv`); and whether it has a language model
-    (to score general text with, `eval.general_text`).
+    whether its evaluations write per-sample predictions (`predictions.csv`); whether it has a language model
+    (to score general text with, `eval.general_text`); and whether its records may carry images (resized to
+    `features.image_size`).
     """
 
     name: str
@@ -58,20 +59,21 @@ class ModalityInfo:
     dataset_reads_model: bool = False
     predictions: bool = False
     language: bool = True
+    image_inputs: bool = False
 
 
 CLASSIFICATION = Score("roc_auc", "ROC-AUC", higher_is_better=True, chance=0.5)
 INFO = {
     "vision_language": ModalityInfo("vision_language", OBJECTIVES[:5], "lm", True, CLASSIFICATION,
                                     {"transformers": STRATEGIES}, tiny="tiny", synthetic="synthetic",
-                                    predictions=True),
+                                    predictions=True, image_inputs=True),
     "text": ModalityInfo("text", ("lm",), "lm", False, CLASSIFICATION, {"transformers": STRATEGIES},
                          tiny=None, synthetic=None, predictions=True),
     "instruct": ModalityInfo("instruct", ("sft",), "sft", False, Score("exact_match", "exact match", True, None),
                              {"transformers": STRATEGIES}, tiny="tiny_text", synthetic="synthetic_instructions",
                              task="sft", task_evaluation_keys=("max_new_tokens", "numeric_tolerance"),
                              dataset_keys=("source", "splits", "synthetic_instructions"), dataset_reads_model=True,
-                             predictions=True),
+                             predictions=True, image_inputs=True),
     "depth": ModalityInfo("depth", ("depth",), "depth", False, Score("abs_rel", "AbsRel", False, None),
                           DEPTH_STRATEGIES, tiny="tiny_depth", synthetic="synthetic_scenes", split_files=False,
                           task="depth", task_evaluation_keys=("alignment",),

@@ -1,11 +1,13 @@
-"""The instruct modality: a causal LM fine-tuned on instruction / response records (objective `sft`).
+"""The instruct modality: a causal LM or a vision-language model fine-tuned on instruction / response records
+(objective `sft`).
 
 Records are chats, Alpaca or prompt / completion records (`instructions.py`), rendered with the model's chat template;
-the loss is on assistant tokens only. The dataset job checks every record against the model's tokenizer too (length
-against `sft.max_length`, per `sft.overflow`). Evaluation is generation-based (`generation.py`): each test prompt is
-answered greedily (`sft.max_new_tokens`), scored by exact match after normalisation and by the last number, next to
-the test loss and perplexity over response tokens; every evaluation returns its per-sample predictions, which the
-evaluation stage writes as `predictions.csv`.
+the loss is on assistant tokens only. For a vision-language model a user turn may carry images (resized to
+`features.image_size`); its vision adapters train on the records that have them. The dataset job checks every record
+against the model's tokenizer too (length against `sft.max_length`, per `sft.overflow`). Evaluation is
+generation-based (`generation.py`): each test prompt is answered greedily (`sft.max_new_tokens`), scored by exact match
+after normalisation and by the last number, next to the test loss and perplexity over response tokens; every
+evaluation returns its per-sample predictions, which the evaluation stage writes as `predictions.csv`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ... import generation, instructions, modeling
-from ...data import SPLITS, DatasetConfig, read_records
+from ...data import SPLITS, DatasetConfig, load_image, read_records
 from ...errors import CheckpointError, DataError
 from ...io import read_json, write_json
 from ..vision_language import VisionLanguage
@@ -54,8 +56,9 @@ class Instruct(VisionLanguage):
         are unique across splits."""
         self.check_source(dataset)
         settings = SftTaskConfig.from_dict((task or {}).get("sft", {}))
-        batcher = instructions.InstructionBatcher(self.load_tokenizer(read_json(model_info_json)),
-                                                  settings.max_length, settings.overflow)
+        processor = self.load_tokenizer(read_json(model_info_json))
+        batcher = instructions.InstructionBatcher(processor, settings.max_length, settings.overflow,
+                                                  _image_size(processor, (task or {}).get("image_size")))
         splits, owner = {}, {}
         for split, path in dataset.annotation_files(synthetic_dir or "").items():
             records = instructions.read_instructions(path)
@@ -82,7 +85,7 @@ class Instruct(VisionLanguage):
         build_tiny_text_model(out_dir, TinyTextSpec.from_dict(spec))
 
     def active_towers(self, objective: str) -> set[str]:
-        return {"language", "lm_head"}
+        return {"vision", "merger", "language", "lm_head"}  # a causal LM has only the last two
 
     def skeleton(self, cfg) -> nn.Module:
         if cfg.source != "tiny":
@@ -92,19 +95,19 @@ class Instruct(VisionLanguage):
         return tiny_text_skeleton(cfg.tiny_text)
 
     def check_checkpoint(self, config: dict, config_file: Path) -> None:
-        if "vision_config" in config:
-            raise CheckpointError(f"{config_file}: has a vision_config, but model.modality instruct takes a "
-                                  "causal LM")
+        """Any causal LM or vision-language model: what the records need is checked by the dataset job."""
 
     def load_tokenizer(self, info: dict):
-        """The checkpoint's tokenizer; CheckpointError when it has no chat template to render records with."""
+        """The checkpoint's tokenizer (a vision-language model's processor); CheckpointError when it has no chat
+        template to render records with."""
         tokenizer = modeling.load_processor(info["path"], info.get("trust_remote_code", False))
         if not getattr(tokenizer, "chat_template", None):
             raise CheckpointError(f"{info['path']}: its tokenizer has no chat template to render the records with")
         return tokenizer
 
     def batcher(self, processor, arm) -> instructions.InstructionBatcher:
-        return instructions.InstructionBatcher(processor, arm.sft.max_length, arm.sft.overflow)
+        return instructions.InstructionBatcher(processor, arm.sft.max_length, arm.sft.overflow,
+                                               _image_size(processor, arm.image_size))
 
     def test_metrics(self, student: nn.Module, records: list[dict], batcher, batch_size: int, arm) -> dict:
         """Test loss and perplexity over response tokens, and the greedy answers' scores (`predictions`: their
@@ -113,8 +116,13 @@ class Instruct(VisionLanguage):
         chunks = [records[start:start + batch_size] for start in range(0, len(records), batch_size)]
         lm = generation.response_loss(student.model, (batcher(chunk) for chunk in tqdm(chunks, desc="test loss")))
         examples = batcher.examples(records)
+        images = kwargs = None
+        if batcher.image_size is not None:
+            images = [[load_image(path, batcher.image_size) for path in example["images"]] for example in examples]
+            pixels = batcher.image_size ** 2
+            kwargs = {"images_kwargs": {"size": {"shortest_edge": pixels, "longest_edge": pixels}}}
         generated = generation.greedy_generate(student.model, batcher.processor, [e["prompt"] for e in examples],
-                                               arm.sft.max_new_tokens, batch_size)
+                                               arm.sft.max_new_tokens, batch_size, images, kwargs)
         frame = generation.score_predictions(examples, generated, arm.sft.numeric_tolerance)
         return {"generation": generation.prediction_metrics(frame), "lm": lm, "predictions": frame}
 
@@ -142,6 +150,11 @@ class Instruct(VisionLanguage):
         section = examples_section(inputs["manifest"], inputs["lora_references"]) if "lora_references" in inputs \
             else None
         return [section] if section else []
+
+
+def _image_size(processor, image_size: int | None) -> int | None:
+    """The side records' images are resized to: `image_size` for a vision-language processor, None for a tokenizer."""
+    return image_size if hasattr(processor, "image_processor") else None
 
 
 def _short(content, limit: int = 120) -> str:
