@@ -29,6 +29,7 @@ INITS = ("random", "gaussian", "svd", "pissa", "olora", "orthogonal", "eva", "co
 DATA_INITS = ("eva", "corda", "lora_ga")  # PEFT's inits that read training data first; settings in lora.<init>
 VISION_OBJECTIVES = ("head", "head_frozen", "hybrid", "hybrid_frozen")
 FROZEN_HEAD_OBJECTIVES = ("head_frozen", "hybrid_frozen")
+HEAD_ONLY_OBJECTIVES = ("head", "head_frozen")  # their loss never runs the language model
 
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP = ["gate_proj", "up_proj", "down_proj"]

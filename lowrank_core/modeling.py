@@ -25,7 +25,6 @@ from .errors import CheckpointError
 from .io import atomic_path
 from .modalities.depth.models import TinyDepthSpec
 from .modalities.instruct.tiny import TinyTextSpec
-from .pretrain import pretrain_tiny
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +165,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
         patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
     processor = image_only_processor_class(getattr(transformers, arch.processor))(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATES[spec.arch])
+    from .pretrain import pretrain_tiny  # here, not at the top: it imports PEFT (2 s) for every job that loads models
+
     pretrain_tiny(model, processor, spec.image_size, spec.pretrain_vision_steps, spec.pretrain_language_steps,
                   spec.pretrain_lr, spec.seed)
     with atomic_path(out_dir) as tmp:

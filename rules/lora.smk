@@ -5,6 +5,7 @@ instead of training them again."""
 
 
 rule train_lora:
+    priority: arm_priority
     input:
         unpack(arm_inputs),
         model="results/model/model.json",

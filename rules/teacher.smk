@@ -1,7 +1,8 @@
 """The teacher: a full fine-tune of the base model, and the SVD analysis of its weight delta."""
 
 
-rule train_teacher:
+rule train_teacher:  # first when it can start: the ΔW export, the references and every arm wait for it
+    priority: 20
     input:
         model="results/model/model.json",
         manifest="results/dataset/manifest.json",

@@ -30,12 +30,13 @@ from slurm_cluster import SingleNodeSlurm, SlurmUnavailable, ensure_installed
 ARM = "head_frozen/full/random/later_half/lr_default/seed0"
 SLICE = ("results/head/metrics.json", f"results/eval/{ARM}/metrics.json")  # dataset -> ... -> one arm, evaluated
 # The slice tests the cluster, not learning: a short teacher (the arm only measures its distance to it).
-SHORT_TEACHER = "teacher:\n  max_steps: 20\n  eval_every: 10\n  checkpoint_every: 10\n"
+SHORT_TEACHER = ("teacher:\n  max_steps: 20\n  eval_every: 10\n  checkpoint_every: 10\n"
+                 "resources:\n  train_teacher:\n    threads: 2\n")  # to see a 2-CPU allocation too
 # One SLURM job per rule job of the slice (its built inputs, data/, are the default run's); the plugin writes
 # `rule_<name>[_wildcards_<values>]` as the job comment.
 SLICE_JOBS = {"prepare_model": 1, "prepare_dataset": 1, "extract_features": 3, "pretrain_head": 1,
               "train_teacher": 1, "train_lora": 1}
-TWO_THREAD_RULES = ("train_teacher",)  # the default config's resources; the others have 1
+TWO_THREAD_RULES = ("train_teacher",)  # SHORT_TEACHER's resources; the others have the default's 1
 # What a cluster without accounting needs (no sacct, no account); the first status check comes after 1 s, the
 # plugin's minimum, instead of 40 s. Logs of successful jobs are kept to be checked.
 NO_ACCOUNTING = ("--slurm-status-command", "squeue", "--slurm-no-account",
@@ -114,7 +115,7 @@ def test_slice_runs_through_slurm(slurm, default_run, tmp_path, capsys):
     rules = [job[1].removeprefix("rule_").split("_wildcards_")[0] for job in jobs]
     assert collections.Counter(rules) == SLICE_JOBS
     for rule, (job_id, comment, state, cpus, memory, time_limit) in zip(rules, jobs):
-        # the config's resources (threads 2 or 1, mem_mb 2000, runtime 30) became the job's allocation
+        # the configured resources (threads 2 or 1, mem_mb 2000, runtime 30) became the job's allocation
         threads = "2" if rule in TWO_THREAD_RULES else "1"
         assert (state, cpus, memory, time_limit) == ("COMPLETED", threads, "2000M", "30:00"), comment
         assert list((workdir / ".snakemake" / "slurm_logs").glob(f"rule_*/**/{job_id}.log")), comment

@@ -266,6 +266,31 @@ def test_the_console_shows_snakemakes_progress_and_leaves_job_output_to_the_logs
     assert "train: 100%" in teacher_log and "INFO lowrank_core" in teacher_log
 
 
+def job_starts(workdir: Path) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job of the run that built the results, in the order the jobs started."""
+    log = min((workdir / ".snakemake" / "log").glob("*.snakemake.log"))  # the first (timestamped names): the run
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", log.read_text())[1:]:
+        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        jobs.append((re.match(r"(?:local)?rule (\w+):", block).group(1),
+                     dict(pair.split("=", 1) for pair in wildcards.group(1).split(", ")) if wildcards else {}))
+    return jobs
+
+
+def test_the_teacher_and_the_long_arms_start_first(default_run):
+    """The rule priorities at work: the teacher, which the ΔW export, the references and every arm wait for, starts
+    as soon as the dataset is prepared (with the first feature extraction, not after the feature users), and every
+    arm whose loss runs through the language model starts before the first head-only arm."""
+    jobs = job_starts(default_run)
+    rules = [rule for rule, _ in jobs]
+    assert rules.index("train_teacher") < [i for i, rule in enumerate(rules) if rule == "extract_features"][1]
+    arms = [(i, wildcards["objective"]) for i, (rule, wildcards) in enumerate(jobs) if rule == "train_lora"]
+    head_only = [i for i, objective in arms if objective in ("head", "head_frozen")]
+    through_the_lm = [i for i, objective in arms if objective not in ("head", "head_frozen")]
+    assert len(head_only) == HEAD_ARMS - HYBRID_ARMS and len(through_the_lm) == ARMS - len(head_only)
+    assert max(through_the_lm) < min(head_only)
+
+
 @pytest.mark.parametrize("key", ["model", "dataset"])
 def test_a_source_that_does_not_exist_fails_before_any_job_instead_of_reporting_old_results(default_run, tmp_path,
                                                                                            key):
