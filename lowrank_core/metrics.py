@@ -1,7 +1,8 @@
 """Detection metrics shared by the head pre-training and the LoRA evaluation.
 
 Image level: `classification_metrics(scores, labels)` for any probability-like score (head logit through a
-sigmoid, LM probability of "tampered"). Pixel level: `pixel_metrics(heatmaps, masks)` for token-grid heat maps,
+sigmoid, LM probability of "tampered"), with DeLong's interval for the ROC-AUC: how far sampling the test split alone
+could move it. Pixel level: `pixel_metrics(heatmaps, masks)` for token-grid heat maps,
 each upsampled (bilinear) to the size of its own pixel mask, with the all-zero prediction reported alongside as
 the baseline to beat. Undefined values (AUROC of a single-class split, IoU of nothing against nothing) come back as
 None with a warning, never as a crash.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy.stats import norm
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
 from .errors import DataError
@@ -27,8 +29,8 @@ _ZERO_MASK = re.compile(r"^(\d+)x(\d+)$")
 
 
 def classification_metrics(scores, labels, threshold: float = 0.5) -> dict:
-    """Accuracy and F1 of `scores >= threshold`, ROC-AUC and average precision of the raw scores, and the share of
-    samples predicted positive (0 or 1: one answer for every sample).
+    """Accuracy and F1 of `scores >= threshold`, ROC-AUC (with its 95% interval, `roc_auc_interval`) and average
+    precision of the raw scores, and the share of samples predicted positive (0 or 1: one answer for every sample).
 
     ROC-AUC is None when `labels` hold a single class, average precision None when they hold no positive.
     """
@@ -39,8 +41,10 @@ def classification_metrics(scores, labels, threshold: float = 0.5) -> dict:
     predicted = (scores >= threshold).astype(np.int64)
     positives = int(labels.sum())
     roc_auc = average_precision = None
+    interval = (None, None)
     if 0 < positives < labels.size:
         roc_auc = float(roc_auc_score(labels, scores))
+        interval = roc_auc_interval(scores, labels)
     else:
         log.warning("ROC-AUC undefined: all %d labels are %d; reported as null", labels.size, labels[0])
     if positives:
@@ -49,12 +53,33 @@ def classification_metrics(scores, labels, threshold: float = 0.5) -> dict:
         "accuracy": float(accuracy_score(labels, predicted)),
         "f1": float(f1_score(labels, predicted, zero_division=0.0)),
         "roc_auc": roc_auc,
+        "roc_auc_low": interval[0],
+        "roc_auc_high": interval[1],
         "average_precision": average_precision,
         "positive_rate": float(predicted.mean()),
         "threshold": threshold,
         "n": int(labels.size),
         "n_positive": positives,
     }
+
+
+def roc_auc_interval(scores: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> tuple:
+    """DeLong's `confidence` interval for the ROC-AUC of `scores` (normal approximation, clipped to [0, 1]; None
+    bounds with fewer than 2 samples of a class). Per sample, the share of the other class it is ranked beyond (ties
+    count half) has a variance over the class's samples; the AUC's variance is their sum, each over its count."""
+    positive, negative = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+    if min(positive.size, negative.size) < 2:
+        return None, None
+
+    def ranked_below(sorted_scores, values):  # per value, how many of sorted_scores lie below it (ties half)
+        return (np.searchsorted(sorted_scores, values, "left") + np.searchsorted(sorted_scores, values, "right")) / 2
+
+    beyond_negatives = ranked_below(negative, positive) / negative.size  # per positive sample
+    below_positives = 1 - ranked_below(positive, negative) / positive.size  # per negative sample
+    auc = beyond_negatives.mean()
+    error = np.sqrt(beyond_negatives.var(ddof=1) / positive.size + below_positives.var(ddof=1) / negative.size)
+    half_width = norm.ppf(0.5 + confidence / 2) * error
+    return float(max(0.0, auc - half_width)), float(min(1.0, auc + half_width))
 
 
 def upsample_heatmap(heatmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

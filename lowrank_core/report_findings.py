@@ -258,12 +258,21 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
     else:
         distance = f"is {format_interval(gap['mean'], gap['ci_low'], gap['ci_high'])} from it (teacher − arm)"
     reached = format_interval(score["mean"], score["ci_low"], score["ci_high"], ".3g")
-    answer = (f"The best LoRA arm {best} reaches test {metric} {reached} against the full fine-tune's {teacher:.3g} "
-              f"and {distance}; " + _rank_shares(references, teacher, grid.score))
+    answer = (f"The best LoRA arm {best} reaches test {metric} {reached} against the full fine-tune's "
+              f"{_reference_score(references, 'teacher', metric)} and {distance}; "
+              + _rank_shares(references, teacher, grid.score))
     spread = (f"the arm's {CONFIDENCE:.0%} t-interval over {score['n']} seeds" if score["n"] > 1
               else "one seed, no interval")
-    return Finding(question, answer + ".", f"{spread}; the teacher, base and ΔW_r references are single evaluations",
-                   "lora-comparison")
+    sampling = (f" (the teacher's interval: {CONFIDENCE:.0%} DeLong over the test samples)"
+                if f"{metric}_low" in references else "")
+    return Finding(question, answer + ".", f"{spread}; the teacher, base and ΔW_r references are single evaluations"
+                   + sampling, "lora-comparison")
+
+
+def _reference_score(references: pd.DataFrame, name: str, metric: str) -> str:
+    """A reference's test score, with its sampling interval where the tables hold one (`<metric>_low` / `_high`)."""
+    columns = (metric, f"{metric}_low", f"{metric}_high")
+    return format_interval(*(references.get(column, {}).get(name, math.nan) for column in columns), ".3g")
 
 
 def forgetting_finding(grid: Grid) -> Finding:
@@ -341,7 +350,8 @@ def warnings_section(inputs: dict[str, str], baseline: dict | None = None,
     body = ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in found) + "</ul>" if found
             else "<p>No warnings.</p>")
     chance = (f"arms at chance (|mean {score.column} − {score.chance}| &lt; {CHANCE_MARGIN}), arms or references "
-              "below it (an inverted signal) or giving one answer to every test sample, "
+              "below it (an inverted signal) or giving one answer to every test sample, an untrained base above it "
+              f"beyond its {CONFIDENCE:.0%} interval over the test samples, "
               if score.chance is not None else "")
     intro = ("<p>Computed checks for comparisons that measure nothing: a reference that did not learn "
              f"(the teacher not {TEACHER_MARGIN} better than the base on test {score.column}), {chance}final losses "
@@ -375,8 +385,9 @@ def teacher_warnings(references: pd.DataFrame, score: Score = CLASSIFICATION) ->
 
 
 def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
-    """Arms whose mean test metric is at chance, arms and references below it (an inverted signal), and arms (their
-    seeds named) or references predicting one class for every sample; none for a score without a chance level."""
+    """Arms whose mean test metric is at chance, arms and references below it (an inverted signal), the base above
+    it beyond its sampling interval (not blind to the task), and arms (their seeds named) or references predicting
+    one class for every sample; none for a score without a chance level."""
     found, metric, chance = [], score.column, score.chance
     if chance is None or metric not in runs:
         return found
@@ -388,6 +399,10 @@ def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score =
     if metric in references:
         found += [_inverted(name, f"test {metric} {value:.3g}") for name, value in references[metric].items()
                   if value <= chance - CHANCE_MARGIN]
+        if "base" in references.index and references.get(f"{metric}_low", {}).get("base", chance) > chance:
+            found.append(f"base: test {metric} {_reference_score(references, 'base', metric)} is above chance beyond "
+                         "the test split's sampling noise: the untrained base already reads part of the signal, so "
+                         "a gain over the base understates what a fine-tune learned.")
     if "positive_rate" in runs:
         for arm, seeds in _seeds_per_arm(runs[runs["positive_rate"].isin((0, 1))]):
             answers = ", ".join(f"{seed} {'positive' if rate else 'negative'}"

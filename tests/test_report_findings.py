@@ -133,6 +133,10 @@ def test_the_fine_tune_gap_and_the_rank_r_shares_follow_the_references():
     assert "matches the full fine-tune within noise; there are no ΔW_r references" in close.answer
     flat = fine_tune_finding(grid_of(runs, references_of(0.52, 0.5, teacher_r2=0.51)))
     assert "the fine-tune gains only +0.02 over the base (0.5), too little to share out" in flat.answer
+    with_intervals = references_of(0.9, 0.5).assign(roc_auc_low=[0.38, 0.84], roc_auc_high=[0.62, 0.96])
+    sampled = fine_tune_finding(grid_of(runs, with_intervals))
+    assert "against the full fine-tune's 0.9 [0.84, 0.96] and is" in sampled.answer
+    assert sampled.confidence.endswith("single evaluations (the teacher's interval: 95% DeLong over the test samples)")
 
 
 def delta_analysis(language: torch.Tensor, vision: torch.Tensor) -> dict:
@@ -197,6 +201,15 @@ def test_arms_at_chance_and_one_answer_for_every_sample_are_flagged():
         f"teacher_r4: test roc_auc 0.14 {inverted}",
         "lm/light/random/later_half: predicts one class for every test sample (seed 1 positive).",
         "base: predicts negative for every test sample."]
+
+
+@pytest.mark.parametrize("low, high, flagged", [(0.51, 0.73, True), (0.49, 0.71, False), (np.nan, np.nan, False)])
+def test_a_base_above_chance_beyond_its_sampling_interval_is_flagged(low, high, flagged):
+    references = references_of(0.92, 0.62).assign(roc_auc_low=[low, 0.87], roc_auc_high=[high, 0.97])
+    expected = ["base: test roc_auc 0.62 [0.51, 0.73] is above chance beyond the test split's sampling noise: the "
+                "untrained base already reads part of the signal, so a gain over the base understates what a "
+                "fine-tune learned."]
+    assert chance_warnings(CLEAN, references) == (expected if flagged else [])
 
 
 def test_a_final_loss_at_the_label_blind_bound_is_flagged():

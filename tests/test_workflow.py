@@ -212,6 +212,21 @@ def test_the_teacher_learns_the_label_through_its_answer(default_run):
     assert 0 < teacher["positive_rate"] < 1  # not one answer for every image
 
 
+def test_the_references_carry_their_sampling_interval_and_the_report_judges_the_base_by_it(default_run):
+    """Each reference's test ROC-AUC comes with its 95% interval over the test samples (the table's cells are the
+    evaluation's); the warnings call the untrained base not blind exactly when its interval lies above chance."""
+    _, references = tables(default_run)
+    for name, row in references.iterrows():
+        metrics = read_json(default_run / f"results/eval/references/{name}.json")["classification"]
+        assert row[["roc_auc_low", "roc_auc_high"]].tolist() == pytest.approx(
+            [metrics["roc_auc_low"], metrics["roc_auc_high"]]), name
+        assert row["roc_auc_low"] <= row["roc_auc"] <= row["roc_auc_high"] and row["roc_auc_low"] < row["roc_auc_high"]
+    page = (default_run / REPORT).read_text()
+    warnings = page[page.index('<section id="warnings">'):page.index('<section id="dataset">')]
+    flagged = "<li>base: test roc_auc" in warnings and "is above chance beyond the test split" in warnings
+    assert flagged == (references.loc["base", "roc_auc_low"] > CHANCE)
+
+
 def test_every_objectives_baseline_arm_learns_beyond_noise(default_run):
     """For each objective, the baseline arm (full / random / later_half) scores above the base beyond its seed noise
     and by the learned margin on average; the lm arm's loss falls and it gives both answers; the fresh-head arm

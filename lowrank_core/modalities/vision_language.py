@@ -42,7 +42,8 @@ from ..targets import QWEN, Family
 from .base import Modality
 
 BATCH_EXTRAS = ("image_labels", "token_masks", "has_mask", "fusion_mask")  # not model inputs
-CLASSIFICATION_COLUMNS = ("accuracy", "f1", "roc_auc", "average_precision", "positive_rate")
+CLASSIFICATION_COLUMNS = ("accuracy", "f1", "roc_auc", "roc_auc_low", "roc_auc_high", "average_precision",
+                          "positive_rate")
 
 
 class LoraStudent(nn.Module):
