@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from .config import Section, require
 from .errors import DataError
 from .io import atomic_path, write_json
+from .modalities import INFO
 from .modalities.depth.eth3d import Eth3dConfig
 from .modalities.depth.synthetic import SyntheticScenesSpec
 from .modalities.instruct.synthetic import SyntheticInstructionSpec
@@ -317,7 +318,7 @@ def load_mask(mask_path: str | None, size: int) -> np.ndarray | None:
 def check_source(cfg: DatasetConfig, modality: str) -> None:
     """The source gives records of `modality`'s kind and its annotation files exist (errors name the key)."""
     if cfg.source == "synthetic":
-        if modality != "vision_language":
+        if INFO[modality].synthetic is None:
             raise DataError(f"dataset.source: the synthetic dataset is images, but model.modality is {modality}: "
                             f"point dataset.source at a directory of {RECORD_KINDS[modality].form} records")
         return

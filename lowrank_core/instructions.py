@@ -170,6 +170,11 @@ def images_of(message: dict) -> list[str]:
     return [] if isinstance(content, str) else [part["image_path"] for part in content if part["type"] == "image"]
 
 
+def text_of(content: str | list[dict]) -> str:
+    """The text of a turn's content: its text parts joined by spaces, images left out."""
+    return content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+
+
 def reference(record: dict) -> str:
     """The record's reference answer: its last assistant turn's content."""
     return record["messages"][-1]["content"]

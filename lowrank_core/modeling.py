@@ -236,17 +236,26 @@ def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:
 
 def _train_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `TOKENIZER_CORPUS` that carries the Qwen special tokens."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(TOKENIZER_CORPUS * 4, trainer)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        tokenizer_object=train_bpe(vocab_size, TOKENIZER_CORPUS * 4, SPECIAL_TOKENS), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
     )
+
+
+def train_bpe(vocab_size: int, corpus: list[str], special_tokens, split_digits: bool = False) -> Tokenizer:
+    """A byte-level BPE tokenizer model trained on `corpus` with `special_tokens` (digits one per token, as Qwen2's,
+    with `split_digits`)."""
+    bpe = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    return bpe
 
 
 @cache

@@ -43,7 +43,7 @@ def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_ste
     rng = np.random.default_rng([seed, 1])
     losses = {"vision": _pretrain_vision(model, processor, image_size, vision_steps, lr, rng)}
     batcher = ChatBatcher(processor, QUESTION, WORDS[1], WORDS[0], image_size)
-    optimizer, schedule = _optimizer(model.parameters(), lr, language_steps)
+    optimizer, schedule = warmup_cosine_adamw(model.parameters(), lr, language_steps)
     model.train()
     loss = torch.zeros(())
     for _ in tqdm(range(language_steps), desc="pretrain language", unit="step"):
@@ -53,7 +53,7 @@ def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_ste
             image = Image.fromarray(scene(rng, image_size, noise))
             records.append({"image": image, "label": int(noise > GRAIN_THRESHOLD)})
         loss = model(**batcher(records), use_cache=False).loss
-        _step(loss, model.parameters(), optimizer, schedule)
+        optimizer_step(loss, model.parameters(), optimizer, schedule)
     losses["language"] = loss.item()
     model.eval()
     log.info("pre-trained the tiny base: vision read-out loss %.3f, grain-question loss %.3f", losses["vision"],
@@ -85,13 +85,15 @@ def _pretrain_vision(model: torch.nn.Module, processor, image_size: int, steps: 
     return loss.item()
 
 
-def _optimizer(parameters, lr: float, steps: int):
-    """AdamW with a 10-step warm-up and cosine decay (without the warm-up the grain question is not learned)."""
+def warmup_cosine_adamw(parameters, lr: float, steps: int):
+    """The tiny bases' pre-training optimizer: AdamW with a 10-step warm-up and cosine decay over `steps` (without the
+    warm-up the grain question is not learned); (optimizer, schedule)."""
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(WARMUP_STEPS, steps), max(steps, 1))
 
 
-def _step(loss: torch.Tensor, parameters, optimizer, schedule) -> None:
+def optimizer_step(loss: torch.Tensor, parameters, optimizer, schedule) -> None:
+    """One pre-training step on `loss`: gradients clipped to norm 1, then the optimizer and the schedule step."""
     optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)

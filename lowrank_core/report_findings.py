@@ -249,8 +249,7 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
     if scores.empty:
         return Finding(question, f"Cannot be answered: no LoRA run has a test {metric}.", "", "lora-comparison")
     best = scores.idxmax() if grid.score.higher_is_better else scores.idxmin()
-    runs = grid.runs[[arm_label(arm) == best for arm in grid.runs[list(AXES)].to_dict("records")]]
-    score = mean_interval(runs[metric])
+    score = mean_interval(_arm_runs(grid.runs, best)[metric])
     gap = {key: teacher - score[other] for key, other in (("mean", "mean"), ("ci_low", "ci_high"),
                                                           ("ci_high", "ci_low"))}
     if gap["ci_low"] <= 0 <= gap["ci_high"]:
@@ -261,8 +260,7 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
     answer = (f"The best LoRA arm {best} reaches test {metric} {reached} against the full fine-tune's "
               f"{_reference_score(references, 'teacher', metric)} and {distance}; "
               + _rank_shares(references, teacher, grid.score))
-    spread = (f"the arm's {CONFIDENCE:.0%} t-interval over {score['n']} seeds" if score["n"] > 1
-              else "one seed, no interval")
+    spread = _seed_spread(score["n"], "the arm's ")
     sampling = (f" (the teacher's interval: {CONFIDENCE:.0%} DeLong over the test samples)"
                 if f"{metric}_low" in references else "")
     return Finding(question, answer + ".", f"{spread}; the teacher, base and ΔW_r references are single evaluations"
@@ -283,15 +281,22 @@ def forgetting_finding(grid: Grid) -> Finding:
     if forgetting.empty:
         return Finding(question, "Cannot be answered: no arm has a general-text loss.", "")
     least = forgetting.idxmin()
-    runs = grid.runs[[arm_label(arm) == least for arm in grid.runs[list(AXES)].to_dict("records")]]
-    interval = mean_interval(runs["forgetting"])
+    interval = mean_interval(_arm_runs(grid.runs, least)["forgetting"])
     teacher = grid.references["forgetting"].get("teacher", float("nan"))
     answer = (f"The full fine-tune's loss on the general text is {teacher:+.3g} over the base's; the LoRA arms' "
               f"{forgetting.mean():+.3g} on average ({forgetting.min():+.3g} to {forgetting.max():+.3g}), least for "
               f"{least} ({format_interval(interval['mean'], interval['ci_low'], interval['ci_high'], '+.3g')})")
-    spread = (f"{CONFIDENCE:.0%} t-interval over {interval['n']} seeds" if interval["n"] > 1
-              else "one seed, no interval")
+    spread = _seed_spread(interval["n"])
     return Finding(question, answer + ".", f"{spread}; the teacher and base are single evaluations", "lora")
+
+
+def _arm_runs(runs: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The runs (one per seed) of the arm labelled `label`."""
+    return runs[[arm_label(arm) == label for arm in runs[list(AXES)].to_dict("records")]]
+
+
+def _seed_spread(seeds: int, whose: str = "") -> str:
+    return f"{whose}{CONFIDENCE:.0%} t-interval over {seeds} seeds" if seeds > 1 else "one seed, no interval"
 
 
 def _rank_shares(references: pd.DataFrame, teacher: float, score: Score = CLASSIFICATION) -> str:

@@ -18,15 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
+from ...pretrain import optimizer_step, warmup_cosine_adamw
 from .losses import depth_loss
 from .models import predict
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 8
-WARMUP_STEPS = 10
 HASH = 64  # tiles' brightness repeats every HASH tiles
 
 
@@ -41,18 +40,13 @@ def pretrain_depth(model: nn.Module, image_size: int, max_depth: float, steps: i
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             module.reset_parameters()
     rng = np.random.default_rng([seed, 7])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(WARMUP_STEPS, steps), max(steps, 1))
+    optimizer, schedule = warmup_cosine_adamw(model.parameters(), lr, steps)
     model.train()
     loss = torch.zeros(())
     for _ in tqdm(range(steps), desc="pretrain depth", unit="step"):
         images, depth, valid = generic_batch(rng, BATCH_SIZE, image_size, max_depth)
         loss = depth_loss(predict(model, images).depth, depth, valid).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, model.parameters(), optimizer, schedule)
     model.eval()
     log.info("pre-trained the tiny depth base for %d steps: loss %.3f", steps, loss.item())
     return loss.item()

@@ -35,16 +35,6 @@ class Instruct(VisionLanguage):
 
     name = "instruct"
 
-    def check_source(self, dataset: DatasetConfig) -> None:
-        if dataset.source == "synthetic":
-            return
-        if not Path(dataset.source).is_dir():
-            raise DataError(f"dataset.source: {dataset.source} is not a directory (of annotation files, or "
-                            "'synthetic')")
-        for split, file in dataset.annotation_files("").items():
-            if not file.is_file():
-                raise DataError(f"dataset.splits.{split}: {file} does not exist")
-
     def train_records(self, dataset: DatasetConfig) -> int:
         if dataset.source == "synthetic":
             return dataset.synthetic_instructions.train
@@ -158,7 +148,7 @@ def _image_size(processor, image_size: int | None) -> int | None:
 
 
 def _short(content, limit: int = 120) -> str:
-    text = content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+    text = instructions.text_of(content)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ...instructions import text_of
 from ...io import read_json
 from ...report import ReportSection, table
 
@@ -34,5 +35,4 @@ def examples_section(manifest_json: str | Path, references_csv: str | Path) -> R
 
 
 def _last_user_turn(record: dict) -> str:
-    content = next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
-    return content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+    return text_of(next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user"))

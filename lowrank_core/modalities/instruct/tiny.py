@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 
 from ...config import Section, require
 from ...io import atomic_path
@@ -42,7 +42,6 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # a Qwen2.5 text model's
 FACTS_PER_DOCUMENT = 8
 PRETRAIN_BATCH_SIZE = 8
-WARMUP_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,37 +132,28 @@ def number_fact(rng: np.random.Generator, max_number: int) -> str:
 def train_tokenizer(vocab_size: int, corpus: list[str]) -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `corpus`, digits one per token, with the Qwen special tokens and the
     text chat template."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(corpus, trainer)
+    from ...modeling import train_bpe  # here: `modeling` imports this module
+
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
-        chat_template=CHAT_TEMPLATE)
+        tokenizer_object=train_bpe(vocab_size, corpus, SPECIAL_TOKENS, split_digits=True), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side="left", chat_template=CHAT_TEMPLATE)
 
 
 def pretrain_arithmetic(model: transformers.PreTrainedModel, tokenizer, spec: TinyTextSpec) -> float:
     """Train `model` in place as a causal LM on documents of random `number_fact`s, one per line (AdamW, warm-up,
     cosine decay); returns the last batch's loss."""
+    from ...pretrain import optimizer_step, warmup_cosine_adamw  # here: `modeling` imports this module
+
     rng = np.random.default_rng([spec.seed, 1])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr)
-    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, min(WARMUP_STEPS, spec.pretrain_steps),
-                                                            max(spec.pretrain_steps, 1))
+    optimizer, schedule = warmup_cosine_adamw(model.parameters(), spec.pretrain_lr, spec.pretrain_steps)
     model.train()
     loss = torch.full((), float("nan"))
-    for _ in range(spec.pretrain_steps):
+    for _ in tqdm(range(spec.pretrain_steps), desc="pretrain text", unit="step"):
         documents = ["\n".join(number_fact(rng, spec.max_number) for _ in range(FACTS_PER_DOCUMENT))
                      for _ in range(PRETRAIN_BATCH_SIZE)]
         batch = tokenizer(documents, padding=True, padding_side="right", return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels, use_cache=False).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, model.parameters(), optimizer, schedule)
     model.eval()
     return loss.item()
