@@ -49,6 +49,8 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
     gpus = {rule: config["resources"].get(rule, {}).get("gpu", config["resources"]["default"]["gpu"])
             for rule in ("train_teacher", "train_lora")}
     _check_batch(teacher.batch_size, "teacher.batch_size", train_records, gpus["train_teacher"])
+    if modality.info.reference_objective == "lm":
+        _check_same_question(teacher, TrainConfig.from_dict(config["lora"]["train"], "lora.train"))
 
     skeleton = modality.skeleton(model)
     if modality.info.vision_features:
@@ -70,6 +72,15 @@ def check_workflow(config: dict, arms: list[tuple[dict, dict]]) -> None:
                               f"{arm.preset.r} ({preset_key}.r), but the largest of delta.ranks is {max(delta.ranks)}")
         check_init(skeleton, arm_targets(skeleton, arm, modality, model.backend, strategy_key, preset_key), arm,
                    modality, train_records)
+
+
+def _check_same_question(teacher: TrainConfig, arms: TrainConfig) -> None:
+    """The teacher answers the question the arms and the references are scored on, with the same words."""
+    for name in ("question", "positive_word", "negative_word"):
+        if getattr(teacher, name) != getattr(arms, name):
+            raise ConfigError(f"teacher.{name}: {getattr(teacher, name)!r} differs from lora.train.{name} "
+                              f"{getattr(arms, name)!r}; the teacher, the arms and the references must answer the "
+                              "same question with the same words")
 
 
 def _check_general_text(path: str | None, modality) -> None:

@@ -104,7 +104,9 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
         "<p>The teacher (every parameter fine-tuned) and the LoRA arms are trained and measured by the same pipeline "
         "on the same machine; per objective, the mean over its arms and seeds. <em>teacher_r</em> rows are the base "
         "with the teacher's ΔW truncated to rank r merged in, untrained. Storage: the saved adapter (with the head, "
-        "if any) for LoRA, the full model's weights for the teacher. Ratios are LoRA / teacher.</p>")
+        "if any) for LoRA, the full model's weights for the teacher. Ratios are LoRA / teacher. The references' "
+        "95% interval is over the test samples (DeLong's, for ROC-AUC); the arms' seed intervals are in the "
+        "effects table below.</p>")
     effects_intro = (
         f"<p>Each value of an axis against the baseline arm <code>{html.escape(arm_label(baseline))}</code>, the "
         "other axes at the baseline's, paired by seed: the value's mean, then Δ = value − baseline over the "
@@ -321,7 +323,14 @@ def _comparison(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLA
     for column, label in (("trainable_parameters", "params"), ("adapter_bytes", "storage"),
                           ("peak_memory_mb", "memory")):
         compared[f"{label} LoRA / teacher"] = (lora[column] / teacher.get(column, float("nan"))).reindex(compared.index)
-    compared = compared.rename(columns={**columns, "source": "scores from"})
+    low, high = (f"{score.column}_{end}" for end in ("low", "high"))
+    if {low, high} <= set(references):  # a sampling interval over the test samples (ROC-AUC: DeLong's)
+        interval = references.loc[models, [low, high]].apply(
+            lambda row: MISSING if row.isna().any() else f"[{row[low]:.3g}, {row[high]:.3g}]", axis=1)
+        interval.index = [labels[name] for name in models]
+        compared.insert(compared.columns.get_loc(score.column) + 1, f"{score.column} 95% interval", interval)
+    compared = compared.rename(columns={**columns, "source": "scores from",
+                                        f"{score.column} 95% interval": f"{score.label} 95% interval"})
     return compared.rename_axis("model").reset_index()
 
 

@@ -61,6 +61,11 @@ CASES = [
     ("teacher:\n  warmup_steps: 500\n", r"ConfigError: teacher\.warmup_steps: must be in \[0, max_steps\]"),
     ("lora:\n  train:\n    negative_word: tampered\n",
      r"ConfigError: lora\.train\.negative_word: must differ from positive_word"),
+    # a teacher asked another question than the arms and the references it is compared with
+    ("lora:\n  train:\n    question: Is this image edited? Answer with one word.\n",
+     r"ConfigError: teacher\.question: 'Is this image real or tampered\? Answer with one word\.' differs from "
+     r"lora\.train\.question 'Is this image edited\? Answer with one word\.'; the teacher, the arms and the "
+     r"references must answer the same question with the same words"),
     ("delta:\n  include: '(unclosed'\n", r"ConfigError: delta\.include: not a valid regular expression"),
     # what the model's shape decides
     ("delta:\n  include: 'nothing_here'\n",

@@ -13,11 +13,11 @@ import pytest
 from lowrank_core.report_lora import axis_effects, lora_section, pareto_front
 from lowrank_core.report_sections import stage_sections
 
-TEACHER = {"model": "teacher", "source": "lm", "roc_auc": 0.9, "lm_loss": 0.5, "trainable_parameters": 400000,
-           "total_parameters": 400000, "trainable_percent": 100.0, "adapter_bytes": 1600000.0,
-           "peak_memory_mb": 800.0, "train_seconds": 20.0, "samples_per_s": 20.0}
-BASE = {"model": "base", "source": "lm", "roc_auc": 0.5, "lm_loss": 6.0, "trainable_parameters": 0,
-        "total_parameters": 400000, "trainable_percent": 0.0}
+TEACHER = {"model": "teacher", "source": "lm", "roc_auc": 0.9, "roc_auc_low": 0.84, "roc_auc_high": 0.96,
+           "lm_loss": 0.5, "trainable_parameters": 400000, "total_parameters": 400000, "trainable_percent": 100.0,
+           "adapter_bytes": 1600000.0, "peak_memory_mb": 800.0, "train_seconds": 20.0, "samples_per_s": 20.0}
+BASE = {"model": "base", "source": "lm", "roc_auc": 0.5, "roc_auc_low": 0.38, "roc_auc_high": 0.62, "lm_loss": 6.0,
+        "trainable_parameters": 0, "total_parameters": 400000, "trainable_percent": 0.0}
 RANKED = [{"model": f"teacher_r{rank}", "rank": rank, "source": "lm", "roc_auc": roc_auc, "lm_loss": 1.0,
            "trainable_parameters": 0, "total_parameters": 400000} for rank, roc_auc in ((2, 0.7), (4, 0.86))]
 LAYERS = {("vision", "attention"): 2, ("vision", "mlp"): 2, ("merger", "mlp"): 0, ("language", "attention"): 2}
@@ -130,6 +130,9 @@ def test_full_fine_tune_vs_lora_gives_lora_over_teacher_ratios(section_html):
     assert teacher["trainable parameters"] == "400000" and teacher["storage bytes"] == "1600000"
     assert teacher["params LoRA / teacher"] == "–"
     assert comparison["teacher_r4 (base + rank-4 ΔW of the teacher)"]["ROC-AUC"] == "0.86"
+    intervals = {name: row["ROC-AUC 95% interval"] for name, row in comparison.items()}
+    assert intervals["teacher (full fine-tune)"] == "[0.84, 0.96]" and intervals["base (untrained)"] == "[0.38, 0.62]"
+    assert intervals["teacher_r4 (base + rank-4 ΔW of the teacher)"] == intervals["LoRA lm (mean of 3)"] == "–"
     assert float(head["params LoRA / teacher"]) == pytest.approx(4000 / 400000)
     assert float(lm["storage LoRA / teacher"]) == pytest.approx(8000 / 1600000)
     assert float(head["memory LoRA / teacher"]) == pytest.approx(410 / 800, rel=1e-3)  # mean over seeds 0, 1, 2
