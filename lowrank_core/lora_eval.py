@@ -5,9 +5,9 @@ A modality's per-sample predictions are written beside each evaluation: `predict
 seed directory, `<reference>_predictions.csv` beside a reference's JSON. With a general-text file (`eval.general_text`)
 every evaluation also measures the loss on it; the tables' `forgetting` is that loss minus the base's.
 
-The test metrics are the modality's (`modalities`). Convergence figures come from the training history: the first and
-last training loss, and the first step whose 5-step running mean reaches the objective's target loss. For targeted
-modules the teacher changed, the student's update is compared with the teacher's:
+The test metrics are the modality's (`modalities`). Convergence figures come from the training history: the first
+training loss, the last as a 5-step running mean, and the first step whose running mean reaches the objective's
+target loss. For targeted modules the teacher changed, the student's update is compared with the teacher's:
 ‖ΔW_student − ΔW_teacher‖_F / ‖ΔW_teacher‖_F pooled over those modules (ΔW_student from PEFT's `merge_and_unload`).
 """
 
@@ -38,12 +38,13 @@ COST_KEYS = ("trainable_parameters", "total_parameters", "trainable_percent", "a
 
 
 def convergence(history_csv: str | Path, target_loss: float) -> dict:
-    """Initial / final training loss, final val loss and the first step the running-mean loss reaches the target."""
+    """The first training loss, the final one (the running mean over the last `SMOOTHING_STEPS` steps: one batch's is
+    noise), the final val loss and the first step the running-mean loss reaches the target."""
     history = pd.read_csv(history_csv)
     smoothed = history["loss"].rolling(SMOOTHING_STEPS, min_periods=1).mean()
     reached = history.loc[smoothed <= target_loss, "step"]
     val = history["val_loss"].dropna()
-    return {"initial_loss": float(history["loss"].iloc[0]), "final_loss": float(history["loss"].iloc[-1]),
+    return {"initial_loss": float(history["loss"].iloc[0]), "final_loss": float(smoothed.iloc[-1]),
             "final_val_loss": float(val.iloc[-1]) if len(val) else None, "target_loss": target_loss,
             "steps_to_target": int(reached.iloc[0]) if len(reached) else None}
 

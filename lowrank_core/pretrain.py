@@ -2,20 +2,25 @@
 
 A real base has seen images and talked about them; a random one has not, and its full fine-tune only learns the
 answer format (the answer-word prior) on a few hundred images. So the tiny model is given a short pre-training on
-generic low-level vision, never on tampering:
+generic low-level vision and on saying words, never on tampering:
 
 1. **vision**: the vision tower and merger learn to encode each merged token's mean colour and local grain (the
    energy of the image minus its 3x3 blur), through a linear read-out that is then thrown away;
 2. **language**: the whole model learns to answer "Is this image grainy or clean?" about scenes whose *global*
-   sensor noise is low or high, so its language model has learned to read its vision tokens.
+   sensor noise is low or high, so its language model has learned to read its vision tokens; every `WORD_EVERY`-th
+   step instead asks it to say one of `ANSWER_WORDS` (the default answer words), named in the question, about a
+   scene that has nothing to do with the word. It learns to answer with one of the two, each half the time, for
+   every scene (not which one was asked for): like a real base, it can say them, but has never tied them to what
+   it sees.
 
-The tamper question, its answer words and local noise inconsistencies (what tampering leaves) are never seen:
-the pre-trained base answers the tamper question at chance, and the study's fine-tunes have to learn it.
+The tamper question and local noise inconsistencies (what tampering leaves) are never seen, and the answer words
+never answer a question about an image: the study's fine-tunes have to learn which word an image gets.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -32,6 +37,9 @@ log = logging.getLogger(__name__)
 QUESTION = "Is this image grainy or clean? Answer with one word."
 WORDS = {1: "grainy", 0: "clean"}
 GRAIN_THRESHOLD = 10.0  # sensor-noise std (of 255) above which a scene is "grainy"
+WORD_QUESTION = 'Answer with the word "{word}".'
+ANSWER_WORDS = ("real", "tampered")  # training.TrainConfig's negative and positive words
+WORD_EVERY = 4  # every 3rd step: the base at 0.51, the teacher at 0.89 test ROC-AUC; every 4th: 0.41 and 0.93
 VISION_BATCH_SIZE = 16
 LANGUAGE_BATCH_SIZE = 8
 WARMUP_STEPS = 10
@@ -39,26 +47,39 @@ WARMUP_STEPS = 10
 
 def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_steps: int, language_steps: int,
                   lr: float, seed: int) -> dict:
-    """Pre-train `model` in place (vision read-out, then grain question answering); returns the final losses."""
+    """Pre-train `model` in place (vision read-out, then the grain question and the answer words); returns the last
+    losses of each."""
     rng = np.random.default_rng([seed, 1])
-    losses = {"vision": _pretrain_vision(model, processor, image_size, vision_steps, lr, rng)}
-    batcher = ChatBatcher(processor, QUESTION, WORDS[1], WORDS[0], image_size)
+    losses = {"vision": _pretrain_vision(model, processor, image_size, vision_steps, lr, rng),
+              "language": math.nan, "answer_words": math.nan}
+    grain = ChatBatcher(processor, QUESTION, WORDS[1], WORDS[0], image_size)
+    say = [ChatBatcher(processor, WORD_QUESTION.format(word=word), word, word, image_size) for word in ANSWER_WORDS]
     optimizer, schedule = warmup_cosine_adamw(model.parameters(), lr, language_steps)
     model.train()
-    loss = torch.zeros(())
-    for _ in tqdm(range(language_steps), desc="pretrain language", unit="step"):
-        records = []
-        for _ in range(LANGUAGE_BATCH_SIZE):
-            noise = float(rng.uniform(0, 2 * GRAIN_THRESHOLD))
-            image = Image.fromarray(scene(rng, image_size, noise))
-            records.append({"image": image, "label": int(noise > GRAIN_THRESHOLD)})
-        loss = model(**batcher(records), use_cache=False).loss
+    for step in tqdm(range(language_steps), desc="pretrain language", unit="step"):
+        if step % WORD_EVERY == WORD_EVERY - 1:  # half the batch asked for each word (label 1: the word asked for)
+            loss = sum(model(**batcher(_scenes(rng, image_size, LANGUAGE_BATCH_SIZE // len(say), label=1)),
+                             use_cache=False).loss / len(say) for batcher in say)
+            losses["answer_words"] = loss.item()
+        else:
+            loss = model(**grain(_scenes(rng, image_size, LANGUAGE_BATCH_SIZE)), use_cache=False).loss
+            losses["language"] = loss.item()
         optimizer_step(loss, model.parameters(), optimizer, schedule)
-    losses["language"] = loss.item()
     model.eval()
-    log.info("pre-trained the tiny base: vision read-out loss %.3f, grain-question loss %.3f", losses["vision"],
-             losses["language"])
+    log.info("pre-trained the tiny base: vision read-out loss %.3f, grain-question loss %.3f, answer-word loss %.3f",
+             losses["vision"], losses["language"], losses["answer_words"])
     return losses
+
+
+def _scenes(rng: np.random.Generator, size: int, count: int, label: int | None = None) -> list[dict]:
+    """`count` records of scenes at random sensor noise, labelled `label`, or without one grainy (1) or clean (0) by
+    their noise."""
+    records = []
+    for _ in range(count):
+        noise = float(rng.uniform(0, 2 * GRAIN_THRESHOLD))
+        records.append({"image": Image.fromarray(scene(rng, size, noise)),
+                        "label": int(noise > GRAIN_THRESHOLD) if label is None else label})
+    return records
 
 
 def _pretrain_vision(model: torch.nn.Module, processor, image_size: int, steps: int, lr: float,

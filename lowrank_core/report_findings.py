@@ -390,9 +390,10 @@ def teacher_warnings(references: pd.DataFrame, score: Score = CLASSIFICATION) ->
 
 
 def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
-    """Arms whose mean test metric is at chance, arms and references below it (an inverted signal), the base above
-    it beyond its sampling interval (not blind to the task), and arms (their seeds named) or references predicting
-    one class for every sample; none for a score without a chance level."""
+    """Arms whose mean test metric is at chance, arms and references below it (an inverted signal; a reference with
+    a sampling interval only when the interval lies below chance), the base above it beyond its sampling interval
+    (not blind to the task), and arms (their seeds named) or references predicting one class for every sample; none
+    for a score without a chance level."""
     found, metric, chance = [], score.column, score.chance
     if chance is None or metric not in runs:
         return found
@@ -402,8 +403,10 @@ def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score =
         elif value <= chance - CHANCE_MARGIN:
             found.append(_inverted(arm, f"mean test {metric} {value:.3g}"))
     if metric in references:
-        found += [_inverted(name, f"test {metric} {value:.3g}") for name, value in references[metric].items()
-                  if value <= chance - CHANCE_MARGIN]
+        high = references.get(f"{metric}_high", pd.Series(dtype=float))
+        found += [_inverted(name, f"test {metric} {_reference_score(references, name, metric)}")
+                  for name, value in references[metric].items()
+                  if value <= chance - CHANCE_MARGIN and not high.get(name, math.nan) >= chance]
         if "base" in references.index and references.get(f"{metric}_low", {}).get("base", chance) > chance:
             found.append(f"base: test {metric} {_reference_score(references, 'base', metric)} is above chance beyond "
                          "the test split's sampling noise: the untrained base already reads part of the signal, so "

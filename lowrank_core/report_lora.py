@@ -93,7 +93,8 @@ def lora_section(ablation_csv: str | Path, references_csv: str | Path, history_c
              f"seed(s), an arm being one value per axis ({', '.join(AXES)}). Classification scores come from the "
              "detection head or from the LM (<em>source</em>); <em>delta_distance</em> is "
              "‖ΔW<sub>LoRA</sub> − ΔW<sub>teacher</sub>‖<sub>F</sub> / ‖ΔW<sub>teacher</sub>‖<sub>F</sub>; "
-             "<em>steps_to_target</em> the first step whose loss reached <em>target_loss</em> (– if never); "
+             "<em>final_loss</em> the training loss's mean over the last 5 steps; <em>steps_to_target</em> the first "
+             "step whose 5-step mean reached <em>target_loss</em> (– if never); "
              "<em>init_seconds</em> / <em>init_peak_memory_mb</em> what reaching the start cost before training: "
              "eva / corda / lora_ga's preprocessing of training data, svd's full fine-tune and ΔW export; "
              "<em>positive_rate</em> the share of test samples predicted positive. Click a column header to sort.</p>")

@@ -90,7 +90,9 @@ def test_each_init_starts_where_the_base_is(tiny_model_dir, inputs, init):
         if init in ("orthogonal", "eva"):
             assert torch.equal(weight, original) and (scaling * B @ A).abs().max() < 1e-6, name
         else:
-            assert (original - weight).abs().max() > 1e-4 and torch.linalg.matrix_rank(B @ A) == R, name
+            # what it took out: far above float32 rounding (~1e-7 relative; measured at least 4e-4), rank R
+            assert (original - weight).norm() > 1e-5 * original.norm(), name
+            assert torch.linalg.matrix_rank(B @ A) == R, name
 
 
 def test_eva_starts_a_with_orthonormal_input_components_and_shares_out_the_rank_budget(inputs):

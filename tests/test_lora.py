@@ -21,7 +21,7 @@ from lowrank_core.grid import (PRESETS, STRATEGIES, arm_label, arm_path, arm_tra
                                named_entries)
 from lowrank_core.io import load_tensors, read_json
 from lowrank_core.lora import ArmConfig, PresetConfig, build_student, load_student
-from lowrank_core.lora_eval import delta_distance, merge_factors
+from lowrank_core.lora_eval import convergence, delta_distance, merge_factors
 from lowrank_core.modalities import get_modality
 from lowrank_core.modalities.vision_language import BATCH_EXTRAS, answer_logprobs, label_blind_loss
 from lowrank_core.targets import StrategyConfig, resolve_targets, select_layers
@@ -459,6 +459,15 @@ def test_merged_delta_reference_is_the_base_plus_the_rank_r_truncated_svd(tiny_m
     assert torch.allclose(model.get_submodule(name).weight.double(), expected, atol=1e-5)
     untouched = "model.visual.blocks.0.mlp.up_proj"
     assert torch.equal(model.get_submodule(untouched).weight, base.get_submodule(untouched).weight)
+
+
+def test_convergence_reads_the_final_loss_and_the_target_from_5_step_running_means(tmp_path):
+    losses = [2.0, 1.0, 0.6, 0.4, 0.4, 0.4, 0.4, 0.4, 0.1]
+    pd.DataFrame({"step": range(1, 10), "loss": losses, "val_loss": [None] * 8 + [0.5]}).to_csv(
+        tmp_path / "history.csv", index=False)
+    result = convergence(tmp_path / "history.csv", target_loss=0.45)
+    assert result["initial_loss"] == 2.0 and result["final_loss"] == pytest.approx(0.34)  # not the last batch's 0.1
+    assert result["steps_to_target"] == 7 and result["final_val_loss"] == 0.5  # (0.6 + 4 × 0.4) / 5 = 0.44 at step 7
 
 
 def test_label_blind_loss_is_ln2_per_record_over_its_answer_tokens():

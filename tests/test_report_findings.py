@@ -203,6 +203,16 @@ def test_arms_at_chance_and_one_answer_for_every_sample_are_flagged():
         "base: predicts negative for every test sample."]
 
 
+@pytest.mark.parametrize("low, high, flagged", [(0.3, 0.49, True), (0.3, 0.52, False), (np.nan, np.nan, True)])
+def test_a_reference_below_chance_is_flagged_only_beyond_its_sampling_interval(low, high, flagged):
+    references = references_of(0.92, 0.41).assign(roc_auc_low=[low, 0.87], roc_auc_high=[high, 0.97])
+    interval = "" if np.isnan(low) else f" [{low:.3g}, {high:.3g}]"
+    expected = [f"base: test roc_auc 0.41{interval} is below chance: it ranks tampered samples below real ones, a "
+                "signal of the wrong sign rather than none; a higher score than another's does not mean it learned "
+                "more."]
+    assert chance_warnings(CLEAN, references) == (expected if flagged else [])
+
+
 @pytest.mark.parametrize("low, high, flagged", [(0.51, 0.73, True), (0.49, 0.71, False), (np.nan, np.nan, False)])
 def test_a_base_above_chance_beyond_its_sampling_interval_is_flagged(low, high, flagged):
     references = references_of(0.92, 0.62).assign(roc_auc_low=[low, 0.87], roc_auc_high=[high, 0.97])

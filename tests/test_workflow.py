@@ -212,6 +212,14 @@ def test_the_teacher_learns_the_label_through_its_answer(default_run):
     assert 0 < teacher["positive_rate"] < 1  # not one answer for every image
 
 
+def test_the_untrained_base_answers_the_tamper_question_at_chance(default_run):
+    """The pre-trained base can see grain and say the answer words but has never tied them to an image: its test
+    ROC-AUC through its answer is within 0.1 of chance and its sampling interval holds chance."""
+    _, references = tables(default_run)
+    base = references.loc["base"]
+    assert abs(base["roc_auc"] - CHANCE) <= 0.1 and base["roc_auc_low"] <= CHANCE <= base["roc_auc_high"]
+
+
 def test_the_references_carry_their_sampling_interval_and_the_report_judges_the_base_by_it(default_run):
     """Each reference's test ROC-AUC comes with its 95% interval over the test samples (the table's cells are the
     evaluation's); the warnings call the untrained base not blind exactly when its interval lies above chance."""
