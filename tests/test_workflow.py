@@ -137,7 +137,8 @@ def test_teacher_is_a_loadable_fine_tune_with_its_logs(default_run):
     history = pd.read_csv(teacher / "history.csv")
     assert list(history["step"]) == list(range(1, TEACHER_STEPS + 1))
     val_loss = history["val_loss"].dropna()
-    assert val_loss.iloc[-1] < 0.5 * history["loss"].iloc[0]
+    _, references = tables(default_run)  # on held-out images, below where a model that learned no label would sit
+    assert val_loss.iloc[-1] < min(val_loss.iloc[0], 0.9 * references.loc["teacher", "label_blind_loss"])
     model = AutoModelForImageTextToText.from_pretrained(teacher)
     base = AutoModelForImageTextToText.from_pretrained(default_run / "data/models/tiny")
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, base.get_parameter(name))]
