@@ -103,7 +103,7 @@ def test_the_pretrained_tiny_base_says_the_answer_words_but_ties_neither_to_an_i
     from lowrank_core.data import scene
     from lowrank_core.lm_data import ChatBatcher
     from lowrank_core.modalities.vision_language import answer_logprobs
-    from lowrank_core.pretrain import WORD_QUESTION, ANSWER_WORDS
+    from lowrank_core.pretrain import ANSWER_WORDS, WORD_QUESTION
 
     model, processor = load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)
     rng = np.random.default_rng(7)
