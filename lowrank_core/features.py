@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
@@ -32,7 +31,6 @@ from .config import Section, require
 from .data import load_image, load_mask
 from .errors import CheckpointError, DataError
 from .io import load_tensors, read_json, save_tensors, write_json
-from .modeling import load_model, load_processor
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +54,10 @@ class FeatureConfig(Section):
 def extract_features(model_info_path: str | Path, manifest_path: str | Path, split: str, cfg: FeatureConfig,
                      model_dtype: str, out_path: str | Path, stats_path: str | Path) -> dict:
     """Encode every image of `split` and write its feature file and statistics; returns the statistics."""
+    from accelerate import Accelerator  # here: the readers of feature files (head, low-rank nets) need no model
+
+    from .modeling import load_model, load_processor
+
     model_info = read_json(model_info_path)
     records = read_json(manifest_path)["splits"][split]["records"]
     processor = load_processor(model_info["path"])

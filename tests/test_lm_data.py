@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_core.data import SyntheticSpec, generate_synthetic, validate_dataset
+from lowrank_core import lm_data
+from lowrank_core.data import SyntheticSpec, generate_synthetic, load_image, validate_dataset
 from lowrank_core.errors import DataError
 from lowrank_core.lm_data import IGNORE_INDEX, ChatBatcher
 from lowrank_core.modeling import load_processor
@@ -89,3 +90,37 @@ def test_image_records_are_refused_by_a_text_only_batcher(text_batcher):
     with pytest.raises(DataError, match=r"a text-only model needs text records .*this record has "
                                         r"\['image_path', 'label', 'mask_path'\]"):
         text_batcher([{"image_path": "/data/a.png", "label": 1, "mask_path": None}])
+
+
+class CountingProcessor:
+    """A processor that counts its calls (what encoding a record costs)."""
+
+    def __init__(self, processor):
+        self.processor, self.calls = processor, 0
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.processor(*args, **kwargs)
+
+
+def test_a_record_is_encoded_once_per_process_and_question(processor, tmp_path, monkeypatch):
+    files = generate_synthetic(tmp_path / "data", SyntheticSpec(image_size=IMAGE_SIZE, train=2, val=2, test=2))
+    records = validate_dataset(files)["splits"]["train"]["records"]
+    counting = CountingProcessor(processor)
+    batcher = ChatBatcher(counting, "Is this image real or tampered?", "tampered", "real", IMAGE_SIZE)
+    first = batcher(records)
+    again = ChatBatcher(counting, "Is this image real or tampered?", "tampered", "real", IMAGE_SIZE)(records)
+    assert counting.calls == len(records)  # the second batcher found them
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    other = ChatBatcher(counting, "Is this image edited?", "tampered", "real", IMAGE_SIZE)(records)
+    assert counting.calls == 2 * len(records) and not torch.equal(other["input_ids"], first["input_ids"])
+    in_memory = [{"image": load_image(r["image_path"], IMAGE_SIZE), "label": r["label"]} for r in records]
+    batcher(in_memory), batcher(in_memory)
+    assert counting.calls == 4 * len(records)  # no file to key them by: encoded each time
+
+    monkeypatch.setattr(lm_data, "_encoded", lm_data._EncodingCache(limit_bytes=0))
+    batcher(records), batcher(records)
+    assert counting.calls == 6 * len(records)  # over the budget: encoded each time

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -214,3 +216,12 @@ def test_findings_lead_the_page_with_numbers_from_their_sources(inputs, tmp_path
     ratios = {arch: read_json(inputs[f"lowrank_comparison_{arch}"])["ratio"]["mse"] for arch in ARCHS}
     closest = min(ratios, key=ratios.get)
     assert f"Closest first: {closest} reaches {ratios[closest]:.3g}× the SVD's MSE" in findings[4]
+
+
+def test_the_dataset_and_table_jobs_load_no_model_library():
+    """Those jobs are short and lie on the default's critical path: transformers and PEFT would double their time."""
+    probe = ("import sys; from lowrank_core import tables; from lowrank_core.modalities import get_modality; "
+             "get_modality('vision_language'); "
+             "print(sorted({'transformers', 'peft', 'accelerate'} & set(sys.modules)))")
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"

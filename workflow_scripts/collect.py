@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lowrank_core.lora_eval import collect
+from lowrank_core.tables import collect
 from lowrank_core.runtime import run_step
 
 run_step(lambda: collect(snakemake.params.arms, snakemake.input.evaluations,

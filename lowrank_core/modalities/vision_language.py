@@ -15,6 +15,9 @@ Every evaluation also gives its per-sample answers (`predictions`, written as `p
 decides, its word at the threshold; otherwise the whole model's: the words its language model generates greedily for
 the prompt, scored against the label's word by exact match after normalisation (`generated_accuracy`: a model that
 answers anything but one of the two words is wrong, however its log-probabilities rank them).
+
+transformers, PEFT and accelerate are imported where a model is built, loaded or batched: the dataset and table
+jobs load this module too, and would spend seconds importing them.
 """
 
 from __future__ import annotations
@@ -24,14 +27,12 @@ import math
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import data, modeling
+from .. import data
 from ..data import DatasetConfig, load_image
 from ..errors import CheckpointError, ConfigError
-from ..features import token_masks
 from ..generation import greedy_generate, prediction_metrics, score_predictions
 from ..grid import FROZEN_HEAD_OBJECTIVES, VISION_OBJECTIVES
 from ..head import DetectionHead, head_losses, load_head, save_head
@@ -107,6 +108,8 @@ class ArmBatcher:
         batch = self.chat(records)
         batch["image_labels"] = torch.tensor([r["label"] for r in records])
         if self.grid is not None:
+            from ..features import token_masks
+
             batch["token_masks"], batch["has_mask"] = token_masks(records, self.chat.image_size, *self.grid)
         return batch
 
@@ -132,6 +135,8 @@ class VisionLanguage(Modality):
         return record["image_path"]
 
     def build_tiny(self, out_dir, spec: dict) -> None:
+        from .. import modeling
+
         modeling.build_tiny_model(out_dir, modeling.TinyModelSpec.from_dict(spec))
 
     def family(self, backend: str) -> Family:
@@ -145,11 +150,15 @@ class VisionLanguage(Modality):
             raise CheckpointError(f"{config_file}: no vision_config, but model.modality is vision_language")
 
     def load(self, info: dict) -> tuple[nn.Module, object]:
+        from .. import modeling
+
         trust = info.get("trust_remote_code", False)
         return (modeling.load_model(info["path"], info["dtype"], trust),
                 modeling.load_processor(info["path"], trust))
 
     def skeleton(self, cfg) -> nn.Module:
+        from .. import modeling
+
         return modeling.model_skeleton(cfg)
 
     def student(self, model: nn.Module, arm, processor, head_path=None, arm_dir=None) -> LoraStudent:
@@ -314,6 +323,8 @@ def label_blind_loss(answer_ids: dict[int, list[int]], labels: list[int]) -> flo
 
 def _base(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (its modules carry the adapters)."""
+    from peft import PeftModel
+
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
