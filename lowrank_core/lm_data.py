@@ -95,7 +95,8 @@ class ChatBatcher:
         return self.tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
 
     def encode(self, record: dict) -> dict[str, torch.Tensor]:
-        """One record as unpadded tensors: the prompt (with image inputs) followed by its answer."""
+        """One record as unpadded tensors: the prompt (with image inputs) followed by its answer. The tensors may be
+        kept for later calls: do not modify them in place."""
         if "image" in record or not self.tokenizer.name_or_path:  # an in-memory image or processor: no key
             return self._encode(record)
         image = record.get("image_path") if self.image_size else None
