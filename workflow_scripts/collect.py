@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from lowrank_core.tables import collect
 from lowrank_core.runtime import run_step
+from lowrank_core.tables import collect
 
 run_step(lambda: collect(snakemake.params.arms, snakemake.input.evaluations,
                          [Path(arm) / "history.csv" for arm in snakemake.input.histories],
