@@ -31,6 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .data import region_mask, scene
 from .lm_data import ChatBatcher
+from .training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ QUESTION = "Is this image grainy or clean? Answer with one word."
 WORDS = {1: "grainy", 0: "clean"}
 GRAIN_THRESHOLD = 10.0  # sensor-noise std (of 255) above which a scene is "grainy"
 WORD_QUESTION = 'Answer with the word "{word}".'
-ANSWER_WORDS = ("real", "tampered")  # training.TrainConfig's negative and positive words
+ANSWER_WORDS = (TrainConfig.negative_word, TrainConfig.positive_word)  # the default answer words
 WORD_EVERY = 4  # every 3rd step: the base at 0.51, the teacher at 0.89 test ROC-AUC; every 4th: 0.41 and 0.93
 VISION_BATCH_SIZE = 16
 LANGUAGE_BATCH_SIZE = 8
