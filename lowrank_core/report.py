@@ -1,8 +1,8 @@
 """The ablation report: one self-contained HTML page (inline CSS, embedded PNGs) rendered from the stages' JSON.
 
-Each stage contributes a `ReportSection` built from its JSON outputs; `render_report` puts the provenance header and
-the sections into one page. The page opens with the study's findings and the warnings (`report_findings`), then the
-evidence sections the findings link to.
+Each stage contributes a `ReportSection` built from its JSON outputs; `render_report` puts the sections and the
+provenance into one page. The page opens with the study's findings and the warnings (`report_findings`), then the
+evidence sections the findings link to; the provenance (config hash, commit, versions, platform) closes it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import html
 import importlib.metadata
 import io
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,8 +60,19 @@ def provenance(config_hash: str, source_dir: str | Path) -> dict:
         "versions": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": _cpu(),
         "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu() -> str:
+    """The CPU's model and the vector instructions torch's kernels use: on CPU, results can differ in their last digits
+    between kernels, and training amplifies that."""
+    import torch
+
+    models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M) \
+        if Path("/proc/cpuinfo").exists() else []
+    return f"{models[0] if models else platform.processor() or 'unknown'}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def render_report(out_html: str | Path, prov: dict, sections: list[ReportSection]) -> None:
@@ -171,21 +183,23 @@ h3{font-size:1.1em;margin-top:1.4em}summary{cursor:pointer}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 </style></head><body>
 <h1>Low-rank / LoRA ablation report</h1>
-<nav>{% for s in sections %}<a href="#{{ s.anchor }}">{{ s.title }}</a>{% endfor %}</nav>
-<h2>Provenance</h2>
+<nav>{% for s in sections %}<a href="#{{ s.anchor }}">{{ s.title }}</a>{% endfor %}
+<a href="#provenance">Provenance</a></nav>
+{% for s in sections %}<section id="{{ s.anchor }}"><h2>{{ s.title }}</h2>
+{{ s.html }}
+</section>
+{% endfor %}
+<h2 id="provenance">Provenance</h2>
 <table><tbody>
 <tr><th>config hash</th><td><code>{{ prov.config_hash }}</code></td></tr>
 <tr><th>git commit</th><td><code>{{ prov.git_commit }}</code></td></tr>
 <tr><th>python / platform</th><td>{{ prov.python }} / {{ prov.platform }}</td></tr>
+<tr><th>CPU (of the report job)</th><td>{{ prov.cpu }}</td></tr>
 <tr><th>rendered</th><td>{{ prov.rendered_at }}</td></tr>
 </tbody></table>
 <details><summary>package versions</summary><table><tbody>
 {% for name, version in prov.versions.items() %}<tr><th>{{ name }}</th><td>{{ version }}</td></tr>{% endfor %}
 </tbody></table></details>
-{% for s in sections %}<section id="{{ s.anchor }}"><h2>{{ s.title }}</h2>
-{{ s.html }}
-</section>
-{% endfor %}
 </body></html>
 """)
 

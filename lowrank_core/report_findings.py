@@ -26,9 +26,9 @@ from .stats import (BETTER, CONFIDENCE, UNDETERMINED, WITHIN_NOISE, WORSE, arm_l
 
 LOW_RANK_ENERGY = 0.9  # ΔW is low-rank when a rank a flat spectrum would give at most FLAT_SHARE holds this energy
 FLAT_SHARE = 0.25
-TEACHER_MARGIN = 0.05  # the teacher must beat the base's test score by this much to have learned the task
-CHANCE_MARGIN = 0.05  # an arm whose mean test score is this close to chance is at chance
-LABEL_BLIND_FRACTION = 0.9  # a final loss at this fraction of the label-blind loss or above learned no label
+TEACHER_MARGIN = 0.05  # without a sampling interval, the teacher must beat the base's test score by this much
+CHANCE_MARGIN = 0.05  # a test score this close to chance is at chance
+LABEL_BLIND_FRACTION = 0.9  # an arm at chance, its final loss at this fraction of the label-blind loss: no label
 FORMAT_UNLEARNED = 1.5  # ... and above this multiple of it not even the answer format
 VAL_RISE = 0.05  # the last validation loss this far (relative) above its minimum, while the training loss fell
 COSTS = (("trainable_parameters", "trainable parameters"), ("train_seconds", "train time"),
@@ -70,6 +70,42 @@ class Grid:
 def gain(score: Score, value: float, reference: float) -> float:
     """How much better `value` scores than `reference` (positive: better), whichever direction the score runs."""
     return value - reference if score.higher_is_better else reference - value
+
+
+def at_chance(score: Score, value: float, low: float = math.nan, high: float = math.nan) -> bool:
+    """Whether a test score is within `CHANCE_MARGIN` of the score's chance level, or its interval (`low`, `high`,
+    where known) contains it; False for a score without a chance level."""
+    chance = score.chance
+    return chance is not None and (abs(value - chance) < CHANCE_MARGIN or low <= chance <= high)
+
+
+def teacher_unlearned(references: pd.DataFrame, score: Score = CLASSIFICATION) -> str | None:
+    """Why the full fine-tune did not learn the task ("test roc_auc 0.5 [0.38, 0.62] is at chance (0.5)"), or None
+    when it did or its test score is missing: its score at chance (see `at_chance`, with its sampling interval where
+    the references hold one), or not better than the base's: by its interval's worse end where it has one, else by
+    `TEACHER_MARGIN`."""
+    metric = score.column
+    teacher, low, high = _reference_values(references, "teacher", metric)
+    if pd.isna(teacher):
+        return None
+    stated = f"test {metric} {_reference_score(references, 'teacher', metric)}"
+    if at_chance(score, teacher, low, high):
+        return f"{stated} is at chance ({score.chance})"
+    base = _reference_values(references, "base", metric)[0]
+    if pd.isna(base):
+        return None
+    worst = low if score.higher_is_better else high
+    if pd.isna(worst):
+        if gain(score, teacher, base) < TEACHER_MARGIN:
+            return f"{stated} is not {TEACHER_MARGIN} better than the base's {base:.3g}"
+    elif gain(score, worst, base) <= 0:
+        return f"{stated} is not better than the base's {base:.3g} beyond its interval"
+    return None
+
+
+def _unanswerable(reason: str, consequence: str) -> str:
+    """The answer of a finding that needs a teacher which did not learn (`reason`, see `teacher_unlearned`)."""
+    return f"Cannot be answered: the full fine-tune did not learn the task (its {reason}), so {consequence}."
 
 
 def findings_section(inputs: dict[str, str], baseline: dict | None = None,
@@ -162,6 +198,9 @@ def init_finding(grid: Grid | None) -> Finding:
     if "svd" not in inits:
         return Finding(question, f"Cannot be answered: svd is not in the grid (inits: {', '.join(inits)}).", "",
                        "effects")
+    if unlearned := teacher_unlearned(grid.references, grid.score):
+        return Finding(question, _unanswerable(unlearned, "svd init starts from a ΔW that holds nothing of the task "
+                                               "and closeness to the teacher means nothing"), "", "warnings")
     clauses, seeds = [], set()
     strategies = [grid.baseline["strategy"]] + [s for s in dict.fromkeys(grid.runs["strategy"])
                                                 if s != grid.baseline["strategy"]]
@@ -172,9 +211,15 @@ def init_finding(grid: Grid | None) -> Finding:
             if rows.empty:
                 continue
             seeds |= set(rows["n"])
+            both = pd.concat([_arm_runs(grid.runs, arm_label({**grid.baseline, "strategy": strategy, "init": init}))
+                              for init in ("svd", other)])
+            if both["steps_to_target"].isna().all():  # both censored at max_steps: a meaningless "+0 [+0, +0]"
+                within = f" in {_counts(both['max_steps'])} steps" if "max_steps" in both else ""
+                steps = f"reaches the target loss neither sooner nor later (neither it nor {other} reaches it{within})"
+            else:
+                steps = _init_phrase(rows.loc["steps_to_target"], "reaches the target loss", "sooner", "later", "steps")
             clauses.append((f"vs {other}" if strategy == grid.baseline["strategy"] else f"vs {other} at {strategy}")
-                           + ": " + _init_phrase(rows.loc["steps_to_target"], "reaches the target loss", "sooner",
-                                                 "later", "steps")
+                           + ": " + steps
                            + " and " + _init_phrase(rows.loc["delta_distance"], "ends", "closer to the teacher",
                                                     "farther from the teacher", "distance"))
     if not clauses:
@@ -186,12 +231,14 @@ def init_finding(grid: Grid | None) -> Finding:
 
 
 def _init_phrase(row: pd.Series, doing: str, better: str, worse: str, measure: str) -> str:
-    """E.g. "reaches the target loss sooner (Δ steps -12 [-20, -4])", or "cannot tell whether it ..."."""
+    """E.g. "reaches the target loss sooner (Δ steps -12 [-20, -4])", or "... neither sooner nor later beyond noise"
+    (each clause states its own verdict, so two can be joined by "and")."""
     delta = f"Δ {measure} {format_interval(row['mean'], row['ci_low'], row['ci_high'])}"
     if row["verdict"] in (BETTER, WORSE):
         return f"{doing} {better if row['verdict'] == BETTER else worse} ({delta})"
-    why = "within noise" if row["verdict"] == WITHIN_NOISE else "fewer than two paired seeds"
-    return f"cannot tell whether it {doing} {better} ({delta}, {why})"
+    if row["verdict"] == WITHIN_NOISE:
+        return f"{doing} neither {better} nor {worse} beyond noise ({delta})"
+    return f"{doing} {better} or {worse}: cannot tell with fewer than two paired seeds ({delta})"
 
 
 def axes_finding(grid: Grid | None) -> Finding:
@@ -204,7 +251,10 @@ def axes_finding(grid: Grid | None) -> Finding:
     question = f"Which {', '.join(names[:-1])} and {names[-1]} score best (test {metric}), at what cost?"
     if grid is None or metric not in grid.runs or grid.runs[metric].isna().all():
         return Finding(question, f"Cannot be answered: no LoRA runs with a test {metric}.", "")
-    means = arm_means(grid.runs, tuple(cost for cost, _ in COSTS if cost in grid.runs))
+    means = arm_means(grid.runs, (metric, *(cost for cost, _ in COSTS if cost in grid.runs)))
+    if all(at_chance(grid.score, value) for value in means[f"{metric} mean"].dropna()):
+        return Finding(question, f"Cannot be answered: every arm's mean test {metric} is within {CHANCE_MARGIN} of "
+                       f"chance ({grid.score.chance}), so no axis can be judged.", "", "warnings")
     clauses, seeds = [], set()
     for axis in axes:
         compared = axis_comparisons(grid.runs, grid.baseline, metric, grid.score.higher_is_better, axes=(axis,))
@@ -244,6 +294,9 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
     metric = grid.score.column if grid else CLASSIFICATION.column
     if grid is None or "teacher" not in references.index or pd.isna(references.get(metric, {}).get("teacher")):
         return Finding(question, f"Cannot be answered: no teacher test {metric} among the references.", "")
+    if unlearned := teacher_unlearned(references, grid.score):
+        return Finding(question, _unanswerable(unlearned, "neither an arm's distance from it nor the ΔW_r "
+                                               "references' share of its gain means anything"), "", "warnings")
     teacher = references.at["teacher", metric]
     scores = arm_means(grid.runs, (metric,))[f"{metric} mean"].dropna()
     if scores.empty:
@@ -267,10 +320,15 @@ def fine_tune_finding(grid: Grid | None) -> Finding:
                    + sampling, "lora-comparison")
 
 
+def _reference_values(references: pd.DataFrame, name: str, metric: str) -> tuple[float, float, float]:
+    """A reference's test score and its sampling interval's ends (`<metric>_low` / `_high`), NaN where missing."""
+    return tuple(references.get(column, {}).get(name, math.nan)
+                 for column in (metric, f"{metric}_low", f"{metric}_high"))
+
+
 def _reference_score(references: pd.DataFrame, name: str, metric: str) -> str:
-    """A reference's test score, with its sampling interval where the tables hold one (`<metric>_low` / `_high`)."""
-    columns = (metric, f"{metric}_low", f"{metric}_high")
-    return format_interval(*(references.get(column, {}).get(name, math.nan) for column in columns), ".3g")
+    """A reference's test score, with its sampling interval where the tables hold one."""
+    return format_interval(*_reference_values(references, name, metric), ".3g")
 
 
 def forgetting_finding(grid: Grid) -> Finding:
@@ -300,7 +358,8 @@ def _seed_spread(seeds: int, whose: str = "") -> str:
 
 
 def _rank_shares(references: pd.DataFrame, teacher: float, score: Score = CLASSIFICATION) -> str:
-    """The share of the teacher's gain over the base each `teacher_r{r}` reference holds, as a clause."""
+    """The share of the teacher's gain over the base each `teacher_r{r}` reference holds, as a clause; the teacher
+    learned the task (see `teacher_unlearned`)."""
     ranked = references[references.index.str.startswith("teacher_r")]
     metric = score.column
     if ranked.empty:
@@ -308,9 +367,6 @@ def _rank_shares(references: pd.DataFrame, teacher: float, score: Score = CLASSI
     if "base" not in references.index or pd.isna(references.at["base", metric]):
         return "without a base score the ΔW_r references' share of the gain is unknown"
     base = references.at["base", metric]
-    if gain(score, teacher, base) < TEACHER_MARGIN:
-        return (f"the fine-tune gains only {teacher - base:+.3g} over the base ({base:.3g}), too little to share "
-                "out among the ΔW_r references")
     order = ranked["rank"] if "rank" in ranked else ranked.index.str.removeprefix("teacher_r").astype(int)
     shares = [f"{(row[metric] - base) / (teacher - base):.0%} at r={int(rank)}"
               for rank, (_, row) in sorted(zip(order, ranked.iterrows()), key=lambda item: item[0])]
@@ -354,13 +410,14 @@ def warnings_section(inputs: dict[str, str], baseline: dict | None = None,
                                                                        else {})
     body = ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in found) + "</ul>" if found
             else "<p>No warnings.</p>")
-    chance = (f"arms at chance (|mean {score.column} − {score.chance}| &lt; {CHANCE_MARGIN}), arms or references "
+    chance = (f"arms and ΔW_r references at chance (|mean {score.column} − {score.chance}| &lt; {CHANCE_MARGIN}, or "
+              "a reference's interval containing it), arms or references "
               "below it (an inverted signal) or giving one answer to every test sample, an untrained base above it "
               f"beyond its {CONFIDENCE:.0%} interval over the test samples, "
               if score.chance is not None else "")
-    intro = ("<p>Computed checks for comparisons that measure nothing: a reference that did not learn "
-             f"(the teacher not {TEACHER_MARGIN} better than the base on test {score.column}), {chance}final losses "
-             "at ≥ "
+    intro = ("<p>Computed checks for comparisons that measure nothing: a teacher that did not learn (at chance, or "
+             f"on test {score.column} not better than the base beyond its interval, or without one by "
+             f"{TEACHER_MARGIN}), {chance}arms at chance with final losses at ≥ "
              f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, axes without a difference beyond noise, validation "
              f"losses rising ≥ {VAL_RISE:.0%} above their minimum while the training loss fell, and missing or "
              "non-finite numbers (NaN guard).</p>")
@@ -373,36 +430,34 @@ def grid_warnings(grid: Grid, teacher_history: pd.DataFrame | None = None) -> li
     if teacher_history is not None:
         histories["teacher"] = teacher_history
     return (teacher_warnings(grid.references, grid.score) + chance_warnings(grid.runs, grid.references, grid.score)
-            + label_blind_warnings(grid.runs) + noise_warnings(grid.runs, grid.baseline, grid.score)
+            + label_blind_warnings(grid.runs, grid.score) + noise_warnings(grid.runs, grid.baseline, grid.score)
             + nan_warnings(grid.runs, grid.references) + history_warnings(histories))
 
 
 def teacher_warnings(references: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
-    """The teacher not `TEACHER_MARGIN` better than the base on the test metric."""
-    metric = score.column
-    if not {"teacher", "base"} <= set(references.index) or metric not in references:
-        return []
-    teacher, base = references.at["teacher", metric], references.at["base", metric]
-    if pd.isna(teacher) or pd.isna(base) or gain(score, teacher, base) >= TEACHER_MARGIN:
-        return []
-    return [f"teacher: test {metric} {teacher:.3g} is not {TEACHER_MARGIN} better than the base's {base:.3g}; the "
-            "full fine-tune did not learn the task, so comparisons with it measure nothing."]
+    """The teacher that did not learn the task (see `teacher_unlearned`)."""
+    unlearned = teacher_unlearned(references, score)
+    return [f"teacher: {unlearned}: the full fine-tune did not learn the task, so comparisons with it measure "
+            "nothing."] if unlearned else []
 
 
 def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
-    """Arms whose mean test metric is at chance, arms and references below it (an inverted signal; a reference with
-    a sampling interval only when the interval lies below chance), the base above it beyond its sampling interval
-    (not blind to the task), and arms (their seeds named) or references predicting one class for every sample; none
-    for a score without a chance level."""
+    """Arms whose mean test metric is at chance, ΔW_r references at chance (see `at_chance`), arms and references
+    below it (an inverted signal; a reference with a sampling interval only when the interval lies below chance), the
+    base above it beyond its sampling interval (not blind to the task), and arms (their seeds named) or references
+    predicting one class for every sample; none for a score without a chance level."""
     found, metric, chance = [], score.column, score.chance
     if chance is None or metric not in runs:
         return found
     for arm, value in arm_means(runs, (metric,))[f"{metric} mean"].items():
-        if abs(value - chance) < CHANCE_MARGIN:
+        if at_chance(score, value):
             found.append(f"{arm}: mean test {metric} {value:.3g} is at chance (within {CHANCE_MARGIN} of {chance}).")
         elif value <= chance - CHANCE_MARGIN:
             found.append(_inverted(arm, f"mean test {metric} {value:.3g}"))
     if metric in references:
+        found += [f"{name}: test {metric} {_reference_score(references, name, metric)} is at chance ({chance})."
+                  for name in references.index[references.index.str.startswith("teacher_r")]
+                  if at_chance(score, *_reference_values(references, name, metric))]
         high = references.get(f"{metric}_high", pd.Series(dtype=float))
         found += [_inverted(name, f"test {metric} {_reference_score(references, name, metric)}")
                   for name, value in references[metric].items()
@@ -428,14 +483,19 @@ def _inverted(name: str, score: str) -> str:
             "rather than none; a higher score than another's does not mean it learned more.")
 
 
-def label_blind_warnings(runs: pd.DataFrame) -> list[str]:
-    """Arms (their seeds named) whose final training loss stayed at the label-blind bound: the answer format learned,
-    not the label; or far above it: not even the format."""
+def label_blind_warnings(runs: pd.DataFrame, score: Score = CLASSIFICATION) -> list[str]:
+    """Arms (their seeds named) whose final training loss stayed at the label-blind bound while their mean test score
+    is at chance (see `at_chance`): the answer format learned, not the label; or far above the bound: not even the
+    format. An arm above chance at the bound ranks by the label without being confident of it: no warning."""
     if "label_blind_loss" not in runs:
         return []
+    metric = score.column
+    means = arm_means(runs, (metric,))[f"{metric} mean"] if metric in runs else pd.Series(dtype=float)
+    blind = {arm for arm, value in means.items() if at_chance(score, value)}
+    chance = pd.Series([arm_label(arm) in blind for arm in runs[list(AXES)].to_dict("records")], index=runs.index)
     ratio = runs["final_loss"] / runs["label_blind_loss"]
     found = []
-    for stuck, verdict in ((ratio.between(LABEL_BLIND_FRACTION, FORMAT_UNLEARNED),
+    for stuck, verdict in ((ratio.between(LABEL_BLIND_FRACTION, FORMAT_UNLEARNED) & chance,
                             "it learned the answer format, not the label"),
                            (ratio > FORMAT_UNLEARNED, "it has not even learned the answer format")):
         for arm, seeds in _seeds_per_arm(runs[stuck].assign(ratio=ratio[stuck])):

@@ -64,7 +64,7 @@ def launch_data_parallel(target: str, args: str, processes: int = 2) -> None:
               f"from lowrank_core.training import TrainConfig\n"
               f"from {module} import {function}\n"
               f"launch({function}, {args}, processes={processes})\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -82,7 +82,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=1200)
+                          timeout=3600)  # a hang guard: the default takes 9-19 min on 2 cores
 
 
 def snakemake_many(runs: dict[str, tuple[Path, tuple[str, ...]]]) -> dict[str, subprocess.CompletedProcess]:

@@ -200,7 +200,9 @@ def test_findings_lead_the_page_with_numbers_from_their_sources(inputs, tmp_path
     page = render(tmp_path, {**inputs, **grid})
     assert re.findall(r'<section id="([\w-]+)">', page) == [
         "findings", "warnings", "dataset", "features", "head", "lowrank", "teacher", "delta", "lora"]
-    assert page.index("package versions") < page.index('<section id="findings">')  # right after the provenance
+    assert page.index("<h2>") == page.index("<h2>Findings")  # the page opens with them, the provenance at its end
+    assert page.index('<section id="lora">') < page.index('<h2 id="provenance">') < page.index("package versions")
+    assert re.search(r"<th>CPU \(of the report job\)</th><td>[^<]+, (DEFAULT|[A-Z0-9]+)</td>", page)
     anchors = set(re.findall(r'\bid="([\w-]+)"', page))
     links = re.findall(r'href="#([\w-]+)"', page)
     assert {"delta", "effects", "convergence", "lora-comparison", "lowrank"} <= set(links) and set(links) <= anchors

@@ -99,13 +99,23 @@ def test_svd_init_is_judged_on_steps_and_distance_against_every_other_init():
 
     same = grid_of(runs_of({(): {}, SVD: {"delta_distance": [0.9, 0.7, 0.85]}}))
     assert init_finding(same).answer == (
-        "SVD init vs random: cannot tell whether it reaches the target loss sooner (Δ steps +0 [+0, +0], within "
-        "noise) and cannot tell whether it ends closer to the teacher (Δ distance +0.0167 [-0.242, +0.275], within "
-        "noise).")
+        "SVD init vs random: reaches the target loss neither sooner nor later beyond noise (Δ steps +0 [+0, +0]) "
+        "and ends neither closer to the teacher nor farther from the teacher beyond noise (Δ distance +0.0167 "
+        "[-0.242, +0.275]).")
     without = grid_of(runs_of({(): {}, (("init", "pissa"),): {}}))
     assert init_finding(without).answer == "Cannot be answered: svd is not in the grid (inits: random, pissa)."
     elsewhere = grid_of(runs_of({(): {}, (("init", "svd"), ("preset", "full")): {}}))
     assert "no svd arm shares the baseline's objective" in init_finding(elsewhere).answer
+
+
+def test_when_neither_init_reaches_the_target_loss_the_finding_says_so_instead_of_a_zero_width_interval():
+    never = runs_of({(): {"steps_to_target": np.nan}, SVD: {"steps_to_target": np.nan,
+                                                             "delta_distance": [0.5, 0.52, 0.51]}})
+    assert init_finding(grid_of(never)).answer.startswith(
+        "SVD init vs random: reaches the target loss neither sooner nor later (neither it nor random reaches it in "
+        "60 steps) and ends closer to the teacher (Δ distance -0.29 [")
+    once = never.assign(steps_to_target=[np.nan] * 4 + [50.0, np.nan])  # svd's seed 1 reached it
+    assert "neither sooner nor later beyond noise (Δ steps -3.33 [-17.7, +11])" in init_finding(grid_of(once)).answer
 
 
 def test_on_a_product_grid_svd_init_is_judged_under_every_strategy():
@@ -114,7 +124,7 @@ def test_on_a_product_grid_svd_init_is_judged_under_every_strategy():
                     (("init", "svd"), ("strategy", "all")): {"steps_to_target": [1.0, 2.0, 1.0],
                                                                "delta_distance": [0.4, 0.42, 0.41]}})
     answer = init_finding(grid_of(runs)).answer
-    assert answer.startswith("SVD init vs random: cannot tell whether it reaches the target loss sooner")
+    assert answer.startswith("SVD init vs random: reaches the target loss neither sooner nor later beyond noise")
     assert ("; vs random at all: reaches the target loss sooner (Δ steps -38.7 [-40.1, -37.2])" in answer
             and "and ends closer to the teacher (Δ distance -0.39 [" in answer)
 
@@ -131,12 +141,41 @@ def test_the_fine_tune_gap_and_the_rank_r_shares_follow_the_references():
     assert "reaches test roc_auc 0.7 against" in one_seed.answer and one_seed.confidence.startswith("one seed, no")
     close = fine_tune_finding(grid_of(runs, references_of(0.82, 0.5)))
     assert "matches the full fine-tune within noise; there are no ΔW_r references" in close.answer
-    flat = fine_tune_finding(grid_of(runs, references_of(0.52, 0.5, teacher_r2=0.51)))
-    assert "the fine-tune gains only +0.02 over the base (0.5), too little to share out" in flat.answer
     with_intervals = references_of(0.9, 0.5).assign(roc_auc_low=[0.38, 0.84], roc_auc_high=[0.62, 0.96])
     sampled = fine_tune_finding(grid_of(runs, with_intervals))
     assert "against the full fine-tune's 0.9 [0.84, 0.96] and is" in sampled.answer
     assert sampled.confidence.endswith("single evaluations (the teacher's interval: 95% DeLong over the test samples)")
+
+
+UNLEARNED = references_of(0.5, 0.44, teacher_r4=0.48).assign(roc_auc_low=[0.33, 0.38, 0.36],
+                                                              roc_auc_high=[0.55, 0.62, 0.6])
+UNLEARNED_WHY = ("Cannot be answered: the full fine-tune did not learn the task (its test roc_auc 0.5 [0.38, 0.62] is "
+                 "at chance (0.5)), so ")
+
+
+def test_findings_that_need_the_teacher_cannot_be_answered_when_it_learned_nothing():
+    runs = runs_of({(): {}, SVD: {"steps_to_target": [10.0, 12.0, 11.0], "delta_distance": [0.5, 0.52, 0.51]}})
+    init, fine_tune = init_finding(grid_of(runs, UNLEARNED)), fine_tune_finding(grid_of(runs, UNLEARNED))
+    assert init.answer == UNLEARNED_WHY + ("svd init starts from a ΔW that holds nothing of the task and closeness to "
+                                           "the teacher means nothing.")
+    assert fine_tune.answer == UNLEARNED_WHY + ("neither an arm's distance from it nor the ΔW_r references' share of "
+                                                "its gain means anything.")
+    assert (init.confidence, init.evidence, fine_tune.confidence) == ("", "warnings", "")
+    flat = fine_tune_finding(grid_of(runs, references_of(0.62, 0.6, teacher_r2=0.61)))  # no interval: the margin
+    assert "(its test roc_auc 0.62 is not 0.05 better than the base's 0.6), so" in flat.answer
+    learned = grid_of(runs, references_of(0.9, 0.44, teacher_r4=0.8))
+    assert init_finding(learned).answer.startswith("SVD init vs random: reaches the target loss sooner")
+    assert fine_tune_finding(learned).answer.startswith("The best LoRA arm")
+
+
+def test_when_every_arm_is_at_chance_no_axis_is_judged():
+    at_chance = runs_of({(): {"roc_auc": [0.5, 0.52, 0.48]}, FULL: {"roc_auc": [0.53, 0.54, 0.52]}})
+    finding = axes_finding(grid_of(at_chance))
+    assert finding.answer == ("Cannot be answered: every arm's mean test roc_auc is within 0.05 of chance (0.5), so "
+                              "no axis can be judged.")
+    assert finding.confidence == ""
+    one_learned = at_chance.assign(roc_auc=[0.5, 0.52, 0.48, 0.8, 0.81, 0.79])
+    assert axes_finding(grid_of(one_learned)).answer.startswith("preset: full scores best")
 
 
 def delta_analysis(language: torch.Tensor, vision: torch.Tensor) -> dict:
@@ -183,8 +222,30 @@ CLEAN = runs_of({(): {}, FULL: {"roc_auc": [0.8, 0.81, 0.79]}})
 
 def test_a_teacher_no_better_than_the_base_is_flagged():
     assert teacher_warnings(references_of(0.9, 0.5)) == []
-    (warning,) = teacher_warnings(references_of(0.53, 0.5))
-    assert warning.startswith("teacher: test roc_auc 0.53 is not 0.05 better than the base's 0.5")
+    (warning,) = teacher_warnings(references_of(0.62, 0.6))
+    assert warning.startswith("teacher: test roc_auc 0.62 is not 0.05 better than the base's 0.6")
+
+
+def test_a_teacher_at_chance_or_within_its_interval_of_the_base_is_flagged():
+    """Its sampling interval decides where the references hold one: at chance, or not beyond the base's score."""
+    assert teacher_warnings(UNLEARNED) == [
+        "teacher: test roc_auc 0.5 [0.38, 0.62] is at chance (0.5): the full fine-tune did not learn the task, so "
+        "comparisons with it measure nothing."]
+    assert teacher_warnings(references_of(0.53, 0.3))[0].startswith("teacher: test roc_auc 0.53 is at chance (0.5):")
+    overlapping = references_of(0.7, 0.62).assign(roc_auc_low=[0.51, 0.6], roc_auc_high=[0.73, 0.8])
+    assert teacher_warnings(overlapping)[0].startswith(
+        "teacher: test roc_auc 0.7 [0.6, 0.8] is not better than the base's 0.62 beyond its interval: the full")
+    beyond = references_of(0.7, 0.62).assign(roc_auc_low=[0.51, 0.65], roc_auc_high=[0.73, 0.75])
+    assert teacher_warnings(beyond) == []
+
+
+def test_a_rank_r_reference_at_chance_is_flagged():
+    assert chance_warnings(CLEAN, references_of(teacher_r8=0.86)) == []
+    references = references_of(teacher_r2=0.52, teacher_r4=0.6, teacher_r8=0.86).assign(
+        roc_auc_low=np.nan, roc_auc_high=np.nan)
+    references.loc["teacher_r4", ["roc_auc_low", "roc_auc_high"]] = [0.45, 0.75]
+    assert chance_warnings(CLEAN, references) == ["teacher_r2: test roc_auc 0.52 is at chance (0.5).",
+                                                  "teacher_r4: test roc_auc 0.6 [0.45, 0.75] is at chance (0.5)."]
 
 
 def test_arms_at_chance_and_one_answer_for_every_sample_are_flagged():
@@ -224,12 +285,22 @@ def test_a_base_above_chance_beyond_its_sampling_interval_is_flagged(low, high, 
 
 def test_a_final_loss_at_the_label_blind_bound_is_flagged():
     assert label_blind_warnings(CLEAN) == []
-    runs = runs_of({(): {"final_loss": [0.3, 0.65, 2.07]}, FULL: {"final_loss": 0.69, "label_blind_loss": np.nan}})
+    runs = runs_of({(): {"final_loss": [0.3, 0.65, 2.07], "roc_auc": [0.5, 0.52, 0.48]},
+                    FULL: {"final_loss": 0.69, "label_blind_loss": np.nan}})
     assert label_blind_warnings(runs) == [
         "lm/standard/random/later_half: final training loss 0.942× the label-blind bound 0.69 (seed 1): it learned "
         "the answer format, not the label.",
         "lm/standard/random/later_half: final training loss 3× the label-blind bound 0.69 (seed 2): it has not even "
         "learned the answer format."]
+
+
+def test_an_arm_ranking_above_chance_at_the_label_blind_bound_is_not_told_it_learned_no_label():
+    """It ranks by the label without being confident of it: its loss alone does not say it learned no label."""
+    confident_not = runs_of({(): {"final_loss": 0.66, "roc_auc": [0.886, 0.89, 0.882]}})
+    assert label_blind_warnings(confident_not) == []
+    assert label_blind_warnings(confident_not.assign(roc_auc=0.52)) == [
+        "lm/standard/random/later_half: final training loss 0.957×, 0.957×, 0.957× the label-blind bound 0.69 (seed "
+        "0, 1, 2): it learned the answer format, not the label."]
 
 
 def test_an_axis_without_a_difference_beyond_noise_is_flagged():
@@ -274,7 +345,7 @@ def test_grid_warnings_gather_every_check_and_stay_silent_on_a_clean_grid():
     assert grid_warnings(clean, history_of([1.0, 0.8], [1.0, 0.5])) == []
     assert grid_warnings(clean, history_of([1.0, 0.8, 0.9], [1.0, 0.6, 0.4]))[0].startswith("teacher: validation")
     broken = grid_of(CLEAN, references_of(0.5, 0.5))
-    assert grid_warnings(broken)[0].startswith("teacher: test roc_auc 0.5 is not 0.05 better than")
+    assert grid_warnings(broken)[0].startswith("teacher: test roc_auc 0.5 is at chance (0.5): the full")
 
 
 def write_inputs(directory, runs: pd.DataFrame, references: pd.DataFrame, teacher_val: list[float]) -> dict:
@@ -310,7 +381,9 @@ def test_the_sections_render_from_files_with_links_to_their_evidence(tmp_path):
     section = warnings_section(broken)
     assert section.anchor == "warnings"
     assert [w[:30] for w in re.findall(r"<li>(.*?)</li>", section.html)] == [
-        "teacher: test roc_auc 0.5 is n", "teacher: validation loss rose "]
+        "teacher: test roc_auc 0.5 is a", "teacher: validation loss rose "]
+    fine_tune = re.findall(r"<li>(.*?)</li>", findings_section(broken).html)[3]
+    assert "the full fine-tune did not learn the task" in fine_tune
     assert warnings_section({}).html.endswith("<p>No warnings.</p>")
     assert all("Cannot be answered" in item for item in re.findall(r"<li>(.*?)</li>", findings_section({}).html))
 

@@ -100,7 +100,7 @@ def test_slice_runs_through_slurm(slurm, default_run, tmp_path, capsys):
                *NO_ACCOUNTING, *short]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, env={**slurm.env, "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=480)
+                          text=True, stdin=subprocess.DEVNULL, timeout=1800)
     slurm_seconds = time.perf_counter() - start
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:] + "\n" + slurm.logs()
