@@ -492,7 +492,7 @@ def label_blind_warnings(runs: pd.DataFrame, score: Score = CLASSIFICATION) -> l
     metric = score.column
     means = arm_means(runs, (metric,))[f"{metric} mean"] if metric in runs else pd.Series(dtype=float)
     blind = {arm for arm, value in means.items() if at_chance(score, value)}
-    chance = pd.Series([arm_label(arm) in blind for arm in runs[list(AXES)].to_dict("records")], index=runs.index)
+    chance = _arm_labels(runs).isin(blind)
     ratio = runs["final_loss"] / runs["label_blind_loss"]
     found = []
     for stuck, verdict in ((ratio.between(LABEL_BLIND_FRACTION, FORMAT_UNLEARNED) & chance,
@@ -565,9 +565,14 @@ def history_warnings(histories: dict[str, pd.DataFrame]) -> list[str]:
     return found
 
 
+def _arm_labels(runs: pd.DataFrame) -> pd.Series:
+    """objective/preset/init/strategy of each run."""
+    return pd.Series([arm_label(row) for row in runs[list(AXES)].to_dict("records")], index=runs.index, dtype=str)
+
+
 def _seeds_per_arm(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(objective/preset/init/strategy, its runs) for each arm with runs in `runs`, in table order."""
-    labels = pd.Series([arm_label(row) for row in runs[list(AXES)].to_dict("records")], index=runs.index, dtype=str)
+    labels = _arm_labels(runs)
     return [(arm, runs.loc[labels == arm]) for arm in labels.unique()]
 
 
