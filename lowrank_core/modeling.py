@@ -221,7 +221,9 @@ def model_skeleton(cfg: ModelConfig) -> torch.nn.Module:
     what the workflow checks its config against before any job runs. CheckpointError names an unusable
     checkpoint."""
     if cfg.source == "tiny":
-        config = tiny_config(cfg.tiny, _train_tokenizer(cfg.tiny.vocab_size))
+        tokenizer = _train_tokenizer(cfg.tiny.vocab_size)
+        whole_answer_words(tokenizer)
+        config = tiny_config(cfg.tiny, tokenizer)
     else:
         read_model_config(cfg.source)
         config = transformers.AutoConfig.from_pretrained(cfg.source, trust_remote_code=cfg.trust_remote_code)
@@ -242,6 +244,16 @@ def _train_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
     )
+
+
+def whole_answer_words(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
+    """Add the default answer words (`TrainConfig`'s negative and positive word) to `tokenizer` as whole tokens; their
+    ids, in that order."""
+    from .training import TrainConfig  # here, not at the top: accelerate takes 0.4 s to import
+
+    words = [TrainConfig.negative_word, TrainConfig.positive_word]
+    tokenizer.add_tokens(words)
+    return tokenizer.convert_tokens_to_ids(words)
 
 
 def train_bpe(vocab_size: int, corpus: list[str], special_tokens, split_digits: bool = False) -> Tokenizer:

@@ -11,7 +11,13 @@ generic low-level vision and on saying words, never on tampering:
    step instead asks it to say one of `ANSWER_WORDS` (the default answer words), named in the question, about a
    scene that has nothing to do with the word. It learns to answer with one of the two, each half the time, for
    every scene (not which one was asked for): like a real base, it can say them, but has never tied them to what
-   it sees.
+   it sees;
+3. **whole answer words**: the answer words become whole tokens of the tokenizer that share one input embedding and
+   one output row, fitted on the answer-word step with the rest of the model frozen. The base says either word, and
+   gives both the same probability for every image: blind to the study's question by construction, whatever the CPU
+   (spelled in pieces, the words' rows took up the grain the base reads with a sign and weight that rounding in the
+   CPU's kernels decided, test ROC-AUC 0.41 on one machine and 0.14 on another). The study's fine-tunes start from
+   that tie and break it.
 
 The tamper question and local noise inconsistencies (what tampering leaves) are never seen, and the answer words
 never answer a question about an image: the study's fine-tunes have to learn which word an image gets.
@@ -31,6 +37,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .data import region_mask, scene
 from .lm_data import ChatBatcher
+from .modeling import whole_answer_words
 from .training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ GRAIN_THRESHOLD = 10.0  # sensor-noise std (of 255) above which a scene is "grai
 WORD_QUESTION = 'Answer with the word "{word}".'
 ANSWER_WORDS = (TrainConfig.negative_word, TrainConfig.positive_word)  # the default answer words
 WORD_EVERY = 4  # every 3rd step: the base at 0.51, the teacher at 0.89 test ROC-AUC; every 4th: 0.41 and 0.93
+WHOLE_WORD_STEPS = 40  # the answer-word loss then 0.351 per token (a fair coin between the two: 0.347)
+WHOLE_WORD_LR = 1e-2
 VISION_BATCH_SIZE = 16
 LANGUAGE_BATCH_SIZE = 8
 WARMUP_STEPS = 10
@@ -48,8 +57,8 @@ WARMUP_STEPS = 10
 
 def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_steps: int, language_steps: int,
                   lr: float, seed: int) -> dict:
-    """Pre-train `model` in place (vision read-out, then the grain question and the answer words); returns the last
-    losses of each."""
+    """Pre-train `model` in place (vision read-out, the grain question and the answer words, the whole answer words);
+    returns the last losses of each."""
     rng = np.random.default_rng([seed, 1])
     losses = {"vision": _pretrain_vision(model, processor, image_size, vision_steps, lr, rng),
               "language": math.nan, "answer_words": math.nan}
@@ -58,18 +67,66 @@ def pretrain_tiny(model: torch.nn.Module, processor, image_size: int, vision_ste
     optimizer, schedule = warmup_cosine_adamw(model.parameters(), lr, language_steps)
     model.train()
     for step in tqdm(range(language_steps), desc="pretrain language", unit="step"):
-        if step % WORD_EVERY == WORD_EVERY - 1:  # half the batch asked for each word (label 1: the word asked for)
-            loss = sum(model(**batcher(_scenes(rng, image_size, LANGUAGE_BATCH_SIZE // len(say), label=1)),
-                             use_cache=False).loss / len(say) for batcher in say)
+        if step % WORD_EVERY == WORD_EVERY - 1:
+            loss = _answer_word_loss(model, say, rng, image_size)
             losses["answer_words"] = loss.item()
         else:
             loss = model(**grain(_scenes(rng, image_size, LANGUAGE_BATCH_SIZE)), use_cache=False).loss
             losses["language"] = loss.item()
         optimizer_step(loss, model.parameters(), optimizer, schedule)
+    losses["whole_answer_words"] = _learn_whole_answer_words(model, processor, rng, image_size, say,
+                                                             WHOLE_WORD_STEPS if language_steps else 0)
     model.eval()
-    log.info("pre-trained the tiny base: vision read-out loss %.3f, grain-question loss %.3f, answer-word loss %.3f",
-             losses["vision"], losses["language"], losses["answer_words"])
+    log.info("pre-trained the tiny base: vision read-out loss %.3f, grain-question loss %.3f, answer-word loss %.3f, "
+             "whole answer-word loss %.3f", losses["vision"], losses["language"], losses["answer_words"],
+             losses["whole_answer_words"])
     return losses
+
+
+def _learn_whole_answer_words(model: torch.nn.Module, processor, rng: np.random.Generator, image_size: int,
+                              say: list[ChatBatcher], steps: int) -> float:
+    """Make the answer words whole tokens that share one input embedding and one output row (started from their
+    first pieces'), fit that pair for `steps` answer-word steps with the rest of the model frozen; returns the last
+    loss (NaN without steps)."""
+    ids = whole_answer_words(processor.tokenizer)
+    spellings = [batcher.answer_ids[1][0] for batcher in say]  # each word's first piece
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    rows = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        # resizing swaps the data under the old parameter, whose gradient accumulator keeps the old shape
+        module.weight = torch.nn.Parameter(module.weight.detach().clone())
+        rows.append(module.weight)
+    with torch.no_grad():
+        for weight in rows:
+            weight[ids] = weight[spellings].mean(dim=0)
+    say = [ChatBatcher(processor, batcher.question, batcher.positive_word, batcher.negative_word, image_size)
+           for batcher in say]  # the words now tokenize whole
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    for weight in rows:
+        weight.requires_grad_(True)
+    optimizer = torch.optim.Adam(rows, lr=WHOLE_WORD_LR)
+    loss = torch.tensor(math.nan)
+    for _ in tqdm(range(steps), desc="pretrain whole answer words", unit="step"):
+        loss = _answer_word_loss(model, say, rng, image_size)
+        optimizer.zero_grad()
+        loss.backward()
+        for weight in rows:  # only the answer words' rows move, by their mean gradient: they stay equal
+            shared = weight.grad[ids].mean(dim=0)
+            weight.grad.zero_()
+            weight.grad[ids] = shared
+        optimizer.step()
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    return loss.item()
+
+
+def _answer_word_loss(model: torch.nn.Module, say: list[ChatBatcher], rng: np.random.Generator,
+                      image_size: int) -> torch.Tensor:
+    """The answer-word step's loss: half the batch asked for each word (label 1: the word asked for), about scenes."""
+    return sum(model(**batcher(_scenes(rng, image_size, LANGUAGE_BATCH_SIZE // len(say), label=1)),
+                     use_cache=False).loss / len(say) for batcher in say)
 
 
 def _scenes(rng: np.random.Generator, size: int, count: int, label: int | None = None) -> list[dict]:

@@ -445,7 +445,7 @@ def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score =
     """Arms whose mean test metric is at chance, ΔW_r references at chance (see `at_chance`), arms and references
     below it (an inverted signal; a reference with a sampling interval only when the interval lies below chance), the
     base above it beyond its sampling interval (not blind to the task), and arms (their seeds named) or references
-    predicting one class for every sample; none for a score without a chance level."""
+    other than the base predicting one class for every sample; none for a score without a chance level."""
     found, metric, chance = [], score.column, score.chance
     if chance is None or metric not in runs:
         return found
@@ -471,8 +471,8 @@ def chance_warnings(runs: pd.DataFrame, references: pd.DataFrame, score: Score =
             answers = ", ".join(f"{seed} {'positive' if rate else 'negative'}"
                                 for seed, rate in zip(seeds["seed"], seeds["positive_rate"]))
             found.append(f"{arm}: predicts one class for every test sample (seed {answers}).")
-    if "positive_rate" in references:
-        for name, rate in references["positive_rate"].items():
+    if "positive_rate" in references:  # not the base's: blind, it may well give one answer
+        for name, rate in references["positive_rate"].drop("base", errors="ignore").items():
             if rate in (0, 1):
                 found.append(f"{name}: predicts {'positive' if rate else 'negative'} for every test sample.")
     return found

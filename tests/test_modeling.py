@@ -96,24 +96,29 @@ def test_the_pretrained_tiny_base_tells_grainy_from_clean_images(tiny_model_dir)
     assert roc_auc_score(grainy, (scores[1] - scores[0]).numpy()) > 0.9
 
 
-def test_the_pretrained_tiny_base_says_the_answer_words_but_ties_neither_to_an_image(tiny_model_dir):
+def test_the_pretrained_tiny_base_says_the_answer_words_but_cannot_tell_them_apart(tiny_model_dir):
     """The pre-training's answer-word step works: asked for an answer word about a fresh scene, the base answers with
-    one of the two (together they hold most of its probability; measured 0.93), and its preference between them is
-    the same for every scene (measured: log-odds within 0.05)."""
+    one of the two (together they hold most of its probability; measured 0.98). And the answer words are whole tokens
+    sharing one embedding and one output row, so the base gives both the same log-probability for every scene, asked
+    for either word or asked the study's question: it is blind to that question by construction."""
     from lowrank_core.data import scene
     from lowrank_core.lm_data import ChatBatcher
     from lowrank_core.modalities.vision_language import answer_logprobs
     from lowrank_core.pretrain import ANSWER_WORDS, WORD_QUESTION
+    from lowrank_core.training import TrainConfig
 
     model, processor = load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)
     rng = np.random.default_rng(7)
     records = [{"image": Image.fromarray(scene(rng, 64, float(rng.uniform(0, 20)))), "label": 1} for _ in range(16)]
-    for asked in ANSWER_WORDS:
+    for question in [WORD_QUESTION.format(word=asked) for asked in ANSWER_WORDS] + [TrainConfig().question]:
         logprobs = []
         for word in ANSWER_WORDS:
-            batch = ChatBatcher(processor, WORD_QUESTION.format(word=asked), word, word, 64)(records)
+            batcher = ChatBatcher(processor, question, word, word, 64)
+            assert len(batcher.answer_ids[1]) == 2, word  # the word, then the end of the turn
+            batch = batcher(records)
             with torch.no_grad():
                 logprobs.append(answer_logprobs(model(**batch, use_cache=False).logits, batch["labels"])[0])
-        assert (logprobs[0].exp() + logprobs[1].exp() > 0.8).all(), asked
-        log_odds = logprobs[0] - logprobs[1]
-        assert log_odds.max() - log_odds.min() < 0.2, asked
+        if question != TrainConfig().question:  # never asked the study's question, it puts 4-10% on each word
+            assert (logprobs[0].exp() + logprobs[1].exp() > 0.8).all(), question
+        assert logprobs[0].std() > 0, question  # the scenes do reach the answer
+        assert torch.equal(logprobs[0], logprobs[1]), question

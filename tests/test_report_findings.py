@@ -253,7 +253,7 @@ def test_arms_at_chance_and_one_answer_for_every_sample_are_flagged():
     runs = runs_of({(): {}, FULL: {"roc_auc": [0.5, 0.52, 0.51]}, LIGHT: {"positive_rate": [0.5, 1.0, 0.5]},
                     SVD: {"roc_auc": [0.2, 0.3, 0.25]}})
     references = references_of(teacher_r4=0.14)
-    references.loc["base", "positive_rate"] = 0.0
+    references.loc[["base", "teacher"], "positive_rate"] = 0.0  # a blind base may give one answer: not flagged
     inverted = ("is below chance: it ranks tampered samples below real ones, a signal of the wrong sign rather than "
                 "none; a higher score than another's does not mean it learned more.")
     assert chance_warnings(runs, references) == [
@@ -261,7 +261,7 @@ def test_arms_at_chance_and_one_answer_for_every_sample_are_flagged():
         f"lm/standard/svd/later_half: mean test roc_auc 0.25 {inverted}",
         f"teacher_r4: test roc_auc 0.14 {inverted}",
         "lm/light/random/later_half: predicts one class for every test sample (seed 1 positive).",
-        "base: predicts negative for every test sample."]
+        "teacher: predicts negative for every test sample."]
 
 
 @pytest.mark.parametrize("low, high, flagged", [(0.3, 0.49, True), (0.3, 0.52, False), (np.nan, np.nan, True)])
