@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -82,6 +83,7 @@ def test_each_init_starts_where_the_base_is(tiny_model_dir, inputs, init):
     batch = model_inputs(inputs, settings)
     with torch.no_grad():
         torch.testing.assert_close(student.eval().model(**batch).logits, base(**batch).logits, atol=1e-4, rtol=1e-4)
+    taken = []  # what it took out of each weight, relative to the weight
     for name in targets:
         A, B, scaling, weight = adapters(student, name)
         original = base.get_submodule(name).weight.detach()
@@ -90,9 +92,12 @@ def test_each_init_starts_where_the_base_is(tiny_model_dir, inputs, init):
         if init in ("orthogonal", "eva"):
             assert torch.equal(weight, original) and (scaling * B @ A).abs().max() < 1e-6, name
         else:
-            # what it took out: far above float32 rounding (~1e-7 relative; measured at least 4e-4), rank R
-            assert (original - weight).norm() > 1e-5 * original.norm(), name
             assert torch.linalg.matrix_rank(B @ A) == R, name
+            taken.append(float((original - weight).norm() / original.norm()))
+    if taken:  # far above float32 rounding (~1e-7 relative). corda: in every weight (measured at least 4e-4).
+        # lora_ga scales its start by the objective's gradient, which at the base's tied answer words carries no
+        # label: 4e-7 and 5e-7 at lm_head and the last layer's q_proj, 5e-5 in the median weight (measured)
+        assert (min(taken) if init == "corda" else float(np.median(taken))) > 1e-5, taken
 
 
 def test_eva_starts_a_with_orthonormal_input_components_and_shares_out_the_rank_budget(inputs):
