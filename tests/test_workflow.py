@@ -516,8 +516,9 @@ STAND_IN_CONFIGS = {
 }
 
 
-# 8 images a split: AdaLoRA's allocator warm-ups must fit the low-rank run (30 epochs of one batch)
-SMALL_DATASET = "lowrank:\n  allocator_init_warmup: 5\n  allocator_final_warmup: 5\n"
+# 8 images a split: AdaLoRA's allocator warm-ups must fit the low-rank run (30 epochs of one batch), and a teacher
+# batch the training split can fill
+SMALL_DATASET = "lowrank:\n  allocator_init_warmup: 5\n  allocator_final_warmup: 5\nteacher:\n  batch_size: 8\n"
 
 
 @pytest.mark.parametrize("field, value, message", [
