@@ -22,7 +22,7 @@ from .modalities import CLASSIFICATION, Score
 from .report import ReportSection
 from .report_lora import LORA_INPUTS, SMOOTHING, arm_means, format_interval, read_grid_table
 from .stats import (BETTER, CONFIDENCE, UNDETERMINED, WITHIN_NOISE, WORSE, arm_label, axis_comparisons,
-                    infer_baseline, init_comparisons, mean_interval)
+                    infer_baseline, init_comparisons, mean_interval, paired_difference)
 
 LOW_RANK_ENERGY = 0.9  # ΔW is low-rank when a rank a flat spectrum would give at most FLAT_SHARE holds this energy
 FLAT_SHARE = 0.25
@@ -419,8 +419,8 @@ def warnings_section(inputs: dict[str, str], baseline: dict | None = None,
              f"on test {score.column} not better than the base beyond its interval, or without one by "
              f"{TEACHER_MARGIN}), {chance}arms at chance with final losses at ≥ "
              f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, axes without a difference beyond noise, validation "
-             f"losses rising ≥ {VAL_RISE:.0%} above their minimum while the training loss fell, and missing or "
-             "non-finite numbers (NaN guard).</p>")
+             f"losses rising ≥ {VAL_RISE:.0%} above their minimum and beyond noise over the validation batches while "
+             "the training loss fell, and missing or non-finite numbers (NaN guard).</p>")
     return ReportSection("Warnings", intro + body, "warnings")
 
 
@@ -544,8 +544,10 @@ def _missing(frame: pd.DataFrame, columns: list[str], groups: pd.Series) -> pd.S
 
 
 def history_warnings(histories: dict[str, pd.DataFrame]) -> list[str]:
-    """Per training history: non-finite or missing training losses (NaN guard), and the validation loss rising
-    `VAL_RISE` above its minimum by the end while the (smoothed) training loss fell."""
+    """Per training history: non-finite or missing training losses (NaN guard), and the validation loss rising by the
+    end above its minimum while the (smoothed) training loss fell: by at least `VAL_RISE` (relative) and, where the
+    history has the validation batches' losses, beyond noise (the last evaluation against the best, paired by batch:
+    the 95% interval of the mean rise excludes 0)."""
     found = []
     for name, run in histories.items():
         run = run.sort_values("step")
@@ -558,11 +560,25 @@ def history_warnings(histories: dict[str, pd.DataFrame]) -> list[str]:
             continue
         best, last = val.loc[val["val_loss"].idxmin()], val.iloc[-1]
         train = run.set_index("step")["loss"].rolling(SMOOTHING, min_periods=1).mean()
-        if last["val_loss"] > best["val_loss"] * (1 + VAL_RISE) and train[last["step"]] < train[best["step"]]:
+        if not (last["val_loss"] > best["val_loss"] * (1 + VAL_RISE) and train[last["step"]] < train[best["step"]]):
+            continue
+        rise = _val_rise(best, last)
+        if rise is None or rise["verdict"] == WORSE:
+            noise = (f", by {format_interval(rise['mean'], rise['ci_low'], rise['ci_high'])} per validation batch "
+                     f"(paired over {rise['n']} batches)" if rise else "")
             found.append(f"{name}: validation loss rose from {best['val_loss']:.3g} (step {best['step']:.0f}) to "
-                         f"{last['val_loss']:.3g} (step {last['step']:.0f}) while the training loss fell from "
-                         f"{train[best['step']]:.3g} to {train[last['step']]:.3g}: overfitting.")
+                         f"{last['val_loss']:.3g} (step {last['step']:.0f}){noise} while the training loss fell "
+                         f"from {train[best['step']]:.3g} to {train[last['step']]:.3g}: overfitting.")
     return found
+
+
+def _val_rise(best: pd.Series, last: pd.Series) -> dict | None:
+    """The last evaluation's validation batch losses against the best one's (`paired_difference`, lower is better),
+    or None where the history does not have them."""
+    batches = [str(row.get("val_batch_losses", "nan")).split() for row in (last, best)]
+    if any(len(losses) < 2 for losses in batches) or len(batches[0]) != len(batches[1]):
+        return None
+    return paired_difference([float(x) for x in batches[0]], [float(x) for x in batches[1]], higher_is_better=False)
 
 
 def _arm_labels(runs: pd.DataFrame) -> pd.Series:

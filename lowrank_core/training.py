@@ -2,10 +2,10 @@
 
 `train_loop` is model-agnostic: it trains whatever parameters of `model` require grad (all of them for the
 teacher's full fine-tune, the adapters for LoRA) on the batches of a `Batches` source, minimising
-`loss_fn(model, batch)`. Resumable state lives in `state_dir/checkpoint/step-N` as safetensors + JSON (no pickle, checksummed, the
-last two kept): the trainable weights, the AdamW moments, the RNG states, the schedule, the step and the history. The
-weights and moments are saved whole (gathered from the processes of a sharded run), so a checkpoint resumes under
-any number of processes.
+`loss_fn(model, batch)`. Resumable state lives in `state_dir/checkpoint/step-N` as safetensors + JSON (no pickle,
+checksummed, the last two kept): the trainable weights, the AdamW moments, the RNG states, the schedule, the step
+and the history. The weights and moments are saved whole (gathered from the processes of a sharded run), so a
+checkpoint resumes under any number of processes.
 Batches are reshuffled per epoch from `seed + epoch`, so a resumed run sees exactly the batches an
 uninterrupted one would have seen.
 """
@@ -43,7 +43,7 @@ from .runtime import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss", "elapsed_s")
+HISTORY_COLUMNS = ("step", "loss", "lr", "samples_per_s", "val_loss", "val_batch_losses", "elapsed_s")
 CHECKPOINT_TENSORS = ("weights.safetensors", "optimizer.safetensors")
 CHECKPOINT_FORMAT = 2  # 2: optimizer moments keyed by parameter name
 # Checkpoints hold whole (unsharded) tensors of the trainable parameters, on the main process only
@@ -215,9 +215,12 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
             mean_loss = accelerator.reduce(torch.stack(losses).mean().float(), "mean").item()
             samples = accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item()
             row = {"step": step, "loss": mean_loss, "lr": lr,
-                   "samples_per_s": samples / (time.perf_counter() - step_started), "val_loss": None}
+                   "samples_per_s": samples / (time.perf_counter() - step_started), "val_loss": None,
+                   "val_batch_losses": None}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                row["val_loss"] = evaluate(model, loss_fn, val_batches, accelerator)
+                batch_losses = evaluate(model, loss_fn, val_batches, accelerator)
+                row["val_loss"] = sum(batch_losses) / len(batch_losses)
+                row["val_batch_losses"] = " ".join(f"{loss:.6g}" for loss in batch_losses)
             row["elapsed_s"] = before + time.perf_counter() - started
             history.append(row)
             if main:
@@ -246,25 +249,27 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, train_batches: Batches, 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Batches, accelerator: Accelerator) -> float:
-    """Mean of `loss_fn` over `batches` in eval mode (the model is left in eval mode); the batches are shared out
-    over the data-parallel processes and the mean is taken over all of them. A sharded model's forwards gather
-    its weights from every process, so there each process goes through all the batches."""
+def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Batches, accelerator: Accelerator) -> list[float]:
+    """`loss_fn` of each of `batches`, in order, in eval mode (the model is left in eval mode): the same batches at
+    every evaluation, so two evaluations compare batch by batch. The batches are shared out over the data-parallel
+    processes and every process gets all the losses. A sharded model's forwards gather its weights from every
+    process, so there each process goes through all the batches."""
     model = accelerator.unwrap_model(model)  # plain forwards: DDP's would wait for processes with fewer batches
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type == DistributedType.FSDP:
         rank, world = 0, 1
-    losses = [loss_fn(model, _to_device(batches.batch(0, i), accelerator.device)).float()
-              for i in range(rank, len(batches), world)]
-    totals = torch.stack([sum(losses, torch.zeros((), device=accelerator.device)),
-                          torch.tensor(float(len(losses)), device=accelerator.device)])
-    total, count = accelerator.reduce(totals, "sum").tolist()
-    return total / count
+    losses = torch.zeros(2, len(batches), device=accelerator.device)  # the losses, and how many processes ran each
+    for i in range(rank, len(batches), world):
+        losses[0, i] = loss_fn(model, _to_device(batches.batch(0, i), accelerator.device)).float()
+        losses[1, i] = 1.0
+    total, count = accelerator.reduce(losses, "sum")
+    return (total / count).tolist()
 
 
 def write_history(history: list[dict], path: str | Path) -> None:
-    """Write the per-step history as CSV (columns `HISTORY_COLUMNS`; val_loss empty where not evaluated)."""
+    """Write the per-step history as CSV (columns `HISTORY_COLUMNS`; val_loss, the mean of the validation batches'
+    losses, and val_batch_losses, those losses space-separated, empty where not evaluated)."""
     with atomic_path(path) as tmp:
         pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
 

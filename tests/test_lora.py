@@ -329,7 +329,7 @@ def test_every_objective_trains_and_writes_its_outputs(inputs, tmp_path, objecti
     stats = run_arm(inputs, tmp_path, arm(objective=objective))
     out = tmp_path / "out"
     history = (out / "history.csv").read_text().splitlines()
-    assert history[0] == "step,loss,lr,samples_per_s,val_loss,elapsed_s" and len(history) == 5
+    assert history[0] == "step,loss,lr,samples_per_s,val_loss,val_batch_losses,elapsed_s" and len(history) == 5
     assert (out / "head.safetensors").exists() == (objective != "lm")
     assert (out / "fusion.safetensors").exists() == (objective == "hybrid")
     assert set(read_json(out / "target_modules.json")) == set(

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from lowrank_core.delta import DeltaConfig, analyse_deltas, summarise_groups
 from lowrank_core.grid import AXES, arm_path
@@ -46,13 +47,21 @@ def references_of(teacher: float = 0.9, base: float = 0.5, **ranked: float) -> p
     return pd.DataFrame(rows).set_index("model")
 
 
-def history_of(val_losses: list[float], train_losses: list[float], name: str = "teacher") -> pd.DataFrame:
-    """A history with a validation loss every 10 steps and the training loss falling linearly between the
-    `train_losses` given at the same steps."""
+def history_of(val_losses: list[float], train_losses: list[float], name: str = "teacher",
+               batch_losses: list[list[float]] | None = None) -> pd.DataFrame:
+    """A history with a validation loss every 10 steps (the mean of that evaluation's `batch_losses`, when given) and
+    the training loss falling linearly between the `train_losses` given at the same steps."""
+    if batch_losses is not None:
+        val_losses = [float(np.mean(losses)) for losses in batch_losses]
     steps = np.arange(1, 10 * len(val_losses) + 1)
     loss = np.interp(steps, 10 * np.arange(1, len(train_losses) + 1), train_losses)
     val = [val_losses[s // 10 - 1] if s % 10 == 0 else np.nan for s in steps]
-    return pd.DataFrame({"step": steps, "loss": loss, "lr": 1e-3, "samples_per_s": 10.0, "val_loss": val, "arm": name})
+    history = pd.DataFrame({"step": steps, "loss": loss, "lr": 1e-3, "samples_per_s": 10.0, "val_loss": val,
+                            "arm": name})
+    if batch_losses is not None:
+        history["val_batch_losses"] = [" ".join(map(str, batch_losses[s // 10 - 1])) if s % 10 == 0 else np.nan
+                                       for s in steps]
+    return history
 
 
 def grid_of(runs: pd.DataFrame, references: pd.DataFrame | None = None) -> Grid:
@@ -320,6 +329,20 @@ def test_rising_validation_loss_with_falling_training_loss_is_flagged():
     assert warning.startswith("teacher: validation loss rose from 0.8 (step 20) to 0.9 (step 30) while the training "
                               "loss fell from 0.")
     assert history_warnings({"teacher": history_of([1.0, 0.8, 0.83], [1.0, 0.6, 0.4])}) == []  # under 5%
+
+
+def test_a_validation_rise_is_flagged_only_beyond_the_noise_of_the_validation_batches():
+    first, best = [1.1, 0.9, 1.2, 1.0], [0.8, 0.7, 0.9, 0.8]
+    consistent = [0.92, 0.79, 1.01, 0.88]  # every batch up, by 0.1 on average
+    noisy = [1.0, 0.2, 1.3, 0.9]  # the same mean rise, up on two batches and down on another
+    assert stats.ttest_rel(noisy, best, alternative="greater").pvalue > 0.025  # the noisy case as constructed
+    rise = stats.ttest_rel(consistent, best).confidence_interval(0.95)
+    assert rise.low > 0
+    (warning,) = history_warnings({"teacher": history_of([], [1.0, 0.6, 0.4], batch_losses=[first, best, consistent])})
+    assert warning.startswith(f"teacher: validation loss rose from 0.8 (step 20) to 0.9 (step 30), by +0.1 "
+                              f"[{rise.low:+.3g}, {rise.high:+.3g}] per validation batch (paired over 4 batches) "
+                              "while the training loss fell from 0.")
+    assert history_warnings({"teacher": history_of([], [1.0, 0.6, 0.4], batch_losses=[first, best, noisy])}) == []
 
 
 def test_nan_guard_flags_missing_and_non_finite_numbers_only_where_expected():

@@ -128,7 +128,7 @@ def assert_same_run(root, reference):
     resumed = load_file(root / "out" / "model.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
-    columns = ["step", "loss", "lr", "val_loss"]
+    columns = ["step", "loss", "lr", "val_loss", "val_batch_losses"]
     pd.testing.assert_frame_equal(pd.read_csv(root / "out" / "history.csv")[columns],
                                   pd.read_csv(reference / "out" / "history.csv")[columns])
 
