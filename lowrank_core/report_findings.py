@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .grid import AXES
+from .grid import AXES, FROZEN_HEAD_OBJECTIVES
 from .io import read_json
 from .modalities import CLASSIFICATION, Score
 from .report import ReportSection
@@ -56,6 +56,7 @@ class Grid:
     history: pd.DataFrame
     baseline: dict
     score: Score = CLASSIFICATION  # the test metric arms are judged by (the modality's)
+    head_score: float | None = None  # the pre-trained detection head's alone, on the same test split
 
     @classmethod
     def read(cls, inputs: dict[str, str], baseline: dict | None, score: Score = CLASSIFICATION) -> Grid | None:
@@ -63,8 +64,10 @@ class Grid:
         if not all(name in inputs for name in LORA_INPUTS):
             return None
         runs = read_grid_table(inputs["lora_table"])
+        head = (read_json(inputs["head_metrics"])["test"]["classification"].get(score.column)
+                if "head_metrics" in inputs else None)
         return cls(runs, pd.read_csv(inputs["lora_references"]).set_index("model"),
-                   read_grid_table(inputs["lora_history"]), baseline or infer_baseline(runs), score)
+                   read_grid_table(inputs["lora_history"]), baseline or infer_baseline(runs), score, head)
 
 
 def gain(score: Score, value: float, reference: float) -> float:
@@ -418,7 +421,8 @@ def warnings_section(inputs: dict[str, str], baseline: dict | None = None,
     intro = ("<p>Computed checks for comparisons that measure nothing: a teacher that did not learn (at chance, or "
              f"on test {score.column} not better than the base beyond its interval, or without one by "
              f"{TEACHER_MARGIN}), {chance}arms at chance with final losses at ≥ "
-             f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, axes without a difference beyond noise, validation "
+             f"{LABEL_BLIND_FRACTION:.0%} of the label-blind loss, frozen-head arms not above their pre-trained head "
+             "alone beyond noise, axes without a difference beyond noise, validation "
              f"losses rising ≥ {VAL_RISE:.0%} above their minimum and beyond noise over the validation batches while "
              "the training loss fell, and missing or non-finite numbers (NaN guard).</p>")
     return ReportSection("Warnings", intro + body, "warnings")
@@ -430,7 +434,8 @@ def grid_warnings(grid: Grid, teacher_history: pd.DataFrame | None = None) -> li
     if teacher_history is not None:
         histories["teacher"] = teacher_history
     return (teacher_warnings(grid.references, grid.score) + chance_warnings(grid.runs, grid.references, grid.score)
-            + label_blind_warnings(grid.runs, grid.score) + noise_warnings(grid.runs, grid.baseline, grid.score)
+            + label_blind_warnings(grid.runs, grid.score) + frozen_head_warnings(grid.runs, grid.head_score, grid.score)
+            + noise_warnings(grid.runs, grid.baseline, grid.score)
             + nan_warnings(grid.runs, grid.references) + history_warnings(histories))
 
 
@@ -503,6 +508,26 @@ def label_blind_warnings(runs: pd.DataFrame, score: Score = CLASSIFICATION) -> l
             found.append(f"{arm}: final training loss {times} the label-blind bound "
                          f"{seeds['label_blind_loss'].iloc[0]:.3g} (seed {', '.join(map(str, seeds['seed']))}): "
                          f"{verdict}.")
+    return found
+
+
+def frozen_head_warnings(runs: pd.DataFrame, head_score: float | None, score: Score = CLASSIFICATION) -> list[str]:
+    """Frozen-head arms (the pre-trained detection head kept as it is, adapters trained under it) whose mean test
+    score is not better than the head's alone beyond noise: the 95% t-interval over their seeds (with one seed, the
+    score) does not lie above it. Such an arm scores what its head does: its adapters added nothing measurable."""
+    metric = score.column
+    if head_score is None or math.isnan(head_score) or metric not in runs:
+        return []
+    found = []
+    for arm, seeds in _seeds_per_arm(runs[runs["objective"].isin(FROZEN_HEAD_OBJECTIVES)]):
+        interval = mean_interval(seeds[metric])
+        worst = interval["ci_low" if score.higher_is_better else "ci_high"]
+        worst = interval["mean"] if math.isnan(worst) else worst
+        if gain(score, worst, head_score) <= 0:
+            mean = format_interval(interval["mean"], interval["ci_low"], interval["ci_high"], ".3g")
+            found.append(f"{arm}: mean test {metric} {mean} over {interval['n']} seed(s) is not above the pre-trained "
+                         f"head's alone ({head_score:.3g}) beyond noise: its adapters added nothing measurable to "
+                         "the frozen head.")
     return found
 
 

@@ -15,9 +15,9 @@ from lowrank_core.delta import DeltaConfig, analyse_deltas, summarise_groups
 from lowrank_core.grid import AXES, arm_path
 from lowrank_core.modalities import Score
 from lowrank_core.report_findings import (Grid, axes_finding, chance_warnings, delta_finding, findings_section,
-                                          fine_tune_finding, grid_warnings, history_warnings, init_finding,
-                                          label_blind_warnings, lowrank_finding, nan_warnings, noise_warnings,
-                                          teacher_warnings, warnings_section)
+                                          fine_tune_finding, frozen_head_warnings, grid_warnings, history_warnings,
+                                          init_finding, label_blind_warnings, lowrank_finding, nan_warnings,
+                                          noise_warnings, teacher_warnings, warnings_section)
 
 BASELINE = {"objective": "lm", "preset": "standard", "init": "random", "strategy": "later_half",
             "learning_rate": "default"}
@@ -361,6 +361,25 @@ def test_nan_guard_flags_missing_and_non_finite_numbers_only_where_expected():
     assert history_warnings({"lm/standard/random/later_half/seed0": history}) == [
         "NaN guard: lm/standard/random/later_half/seed0 has a missing or non-finite loss at 1 step(s), first at "
         "step 4."]
+
+
+def test_frozen_head_arms_not_above_their_head_alone_beyond_noise_are_flagged():
+    head_frozen, hybrid_frozen = (("objective", "head_frozen"),), (("objective", "hybrid_frozen"),)
+    runs = runs_of({(): {"roc_auc": [0.7, 0.71, 0.69]},  # below the head, but it does not keep it frozen
+                    head_frozen: {"roc_auc": [0.8, 0.82, 0.79]},  # the head's score within its seeds' spread
+                    hybrid_frozen: {"roc_auc": [0.86, 0.85, 0.87]}})  # above it beyond that spread
+    interval, above = (stats.t.interval(0.95, 2, loc=np.mean(seeds), scale=stats.sem(seeds))
+                       for seeds in ([0.8, 0.82, 0.79], [0.86, 0.85, 0.87]))
+    assert interval[0] < 0.8 < interval[1] and above[0] > 0.8  # the cases as constructed
+    assert frozen_head_warnings(runs, 0.8) == [
+        f"head_frozen/standard/random/later_half: mean test roc_auc 0.803 [{interval[0]:.3g}, {interval[1]:.3g}] over "
+        "3 seed(s) is not above the pre-trained head's alone (0.8) beyond noise: its adapters added nothing "
+        "measurable to the frozen head."]
+    assert frozen_head_warnings(runs, None) == [] and frozen_head_warnings(runs, 0.75) == []
+    one_seed = runs_of({hybrid_frozen: {"roc_auc": [0.79]}}, seeds=1)
+    assert frozen_head_warnings(one_seed, 0.8)[0].startswith("hybrid_frozen/standard/random/later_half: mean test "
+                                                             "roc_auc 0.79 over 1 seed(s) is not above")
+    assert frozen_head_warnings(runs_of({hybrid_frozen: {"roc_auc": [0.81]}}, seeds=1), 0.8) == []
 
 
 def test_grid_warnings_gather_every_check_and_stay_silent_on_a_clean_grid():

@@ -381,9 +381,26 @@ def test_the_report_leads_with_findings_and_does_not_call_the_teacher_unlearned(
     assert sections == sorted(sections) and page.index("<section") == sections[0] < page.index('id="provenance"')
     warnings = re.findall(r"<li>(.*?)</li>", page[sections[1]:sections[2]])
     assert warnings and not [line for line in warnings if line.startswith("teacher:") and "did not learn" in line]
-    baselines = [f"{objective}/full/random/later_half:" for objective in ("lm", "head", "head_frozen", "hybrid",
-                                                                           "hybrid_frozen")]
+    baselines = [f"{objective}/full/random/later_half:" for objective in ("lm", "head", "hybrid")]
     assert not [line for line in warnings if line.startswith(tuple(baselines))]
+    # a frozen-head arm is flagged exactly when its seeds' 95% t-interval does not lie above the head alone's score
+    runs, _ = tables(default_run)
+    head = read_json(default_run / "results/head/metrics.json")["test"]["classification"]["roc_auc"]
+    frozen = runs[runs["objective"].str.endswith("_frozen")].groupby(["objective", "preset", "init", "strategy"])
+    expected = {"/".join(arm) for arm, seeds in frozen["roc_auc"]
+                if stats.t.interval(0.95, len(seeds) - 1, loc=seeds.mean(), scale=stats.sem(seeds))[0] <= head
+                or seeds.std() == 0 and seeds.mean() <= head}
+    flagged = {line.split(":")[0] for line in warnings if "added nothing measurable to the frozen head" in line}
+    assert flagged == expected
+    print(f"pre-trained head alone: test roc_auc {head:.3f}; frozen-head arms flagged: {sorted(flagged)}")
+
+
+@pytest.mark.xfail(reason="issue 13 open: on the default the frozen-head baselines score what the pre-trained head "
+                          "alone does (test ROC-AUC 0.868 and 0.866 against 0.869, on the AMD EPYC)", strict=False)
+def test_the_frozen_head_baselines_add_to_their_head(default_run):
+    page = (default_run / REPORT).read_text()
+    warnings = page[page.index('<section id="warnings">'):page.index('<section id="dataset">')]
+    assert not [name for name in ("head_frozen", "hybrid_frozen") if f"<li>{name}/full/random/later_half:" in warnings]
 
 
 def test_the_console_shows_snakemakes_progress_and_leaves_job_output_to_the_logs(default_run):
