@@ -600,10 +600,13 @@ def history_warnings(histories: dict[str, pd.DataFrame]) -> list[str]:
 def _val_rise(best: pd.Series, last: pd.Series) -> dict | None:
     """The last evaluation's validation batch losses against the best one's (`paired_difference`, lower is better),
     or None where the history does not have them."""
-    batches = [str(row.get("val_batch_losses", "nan")).split() for row in (last, best)]
-    if any(len(losses) < 2 for losses in batches) or len(batches[0]) != len(batches[1]):
+    recorded = [row.get("val_batch_losses") for row in (last, best)]
+    if not all(isinstance(losses, str) for losses in recorded):
         return None
-    return paired_difference([float(x) for x in batches[0]], [float(x) for x in batches[1]], higher_is_better=False)
+    last_losses, best_losses = ([float(x) for x in losses.split()] for losses in recorded)
+    if len(last_losses) < 2 or len(last_losses) != len(best_losses):
+        return None
+    return paired_difference(last_losses, best_losses, higher_is_better=False)
 
 
 def _arm_labels(runs: pd.DataFrame) -> pd.Series:
