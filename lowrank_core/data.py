@@ -45,12 +45,16 @@ class SyntheticSpec(Section):
     val: int = 64
     test: int = 96
     splice_fraction: float = 0.5
+    decoy_fraction: float = 0.5  # share of the real images taken with a noisy camera: grainy all over, untampered
+    decoy_noise: float = 24.0    # their sensor-noise std (of 255); the other real images have 3
 
     def check(self, key: str) -> None:
         require(self.image_size >= 32, key, "image_size", "must be at least 32")
         for split in SPLITS:
             require(getattr(self, split) >= 2, key, split, "must be at least 2 (one real, one tampered)")
-        require(0.0 <= self.splice_fraction <= 1.0, key, "splice_fraction", "must be in [0, 1]")
+        for name in ("splice_fraction", "decoy_fraction"):
+            require(0.0 <= getattr(self, name) <= 1.0, key, name, "must be in [0, 1]")
+        require(self.decoy_noise >= 0, key, "decoy_noise", "must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +84,10 @@ class DatasetConfig(Section):
 def generate_synthetic(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
     """Write deterministic train/val/test splits of real and tampered images with their masks.
 
-    Real images are smooth scenes with a few objects and mild sensor noise. Tampered ones carry a region that is
-    either spliced from another scene taken with a different "camera" (blurred, much noisier) or copy-moved within
-    the image and resampled: the noise and resampling inconsistency is the cue a detector can learn.
+    Real images are smooth scenes with a few objects and mild sensor noise; a `decoy_fraction` of them come from a
+    noisy camera, grainy all over. Tampered ones carry a region that is either spliced from another scene taken with
+    a different "camera" (blurred, much noisier) or copy-moved within the image and resampled: the noise and
+    resampling inconsistency is the cue a detector can learn. Grain alone is not: the decoys have more of it.
     """
     with atomic_path(out_dir) as tmp:
         (tmp / "images").mkdir(parents=True)
@@ -93,8 +98,7 @@ def generate_synthetic(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Pa
             for i in range(getattr(spec, split)):
                 rng = np.random.default_rng([spec.seed, split_index, i])
                 name = f"{split}_{i:05d}"
-                image, mask, method = _synthetic_sample(rng, spec.image_size, tampered=i % 2 == 1,
-                                                        splice_fraction=spec.splice_fraction)
+                image, mask, method = _synthetic_sample(rng, spec, tampered=i % 2 == 1)
                 image.save(tmp / "images" / f"{name}.png")
                 record = {"image_path": f"images/{name}.png", "label": int(mask is not None), "method": method}
                 if mask is None:
@@ -108,12 +112,15 @@ def generate_synthetic(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Pa
     return files
 
 
-def _synthetic_sample(rng: np.random.Generator, size: int, tampered: bool, splice_fraction: float):
+def _synthetic_sample(rng: np.random.Generator, spec: SyntheticSpec, tampered: bool):
+    size = spec.image_size
+    if not tampered and rng.random() < spec.decoy_fraction:
+        return Image.fromarray(scene(rng, size, noise=spec.decoy_noise)), None, "real_grainy"
     image = scene(rng, size, noise=3.0)
     if not tampered:
         return Image.fromarray(image), None, "real"
     mask = region_mask(rng, size)
-    if rng.random() < splice_fraction:
+    if rng.random() < spec.splice_fraction:
         donor = Image.fromarray(scene(rng, size, noise=0.0)).filter(ImageFilter.GaussianBlur(1.5))
         patch = np.asarray(donor, dtype=np.float32) + rng.normal(0, 24.0, (size, size, 3))
         method = "splice"
