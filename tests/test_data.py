@@ -52,7 +52,31 @@ def test_masks_agree_with_labels(synthetic):
                 # the forensic cue: the tampered region's local noise differs from the rest of the image
                 assert np.abs(np.diff(inside, axis=0)).mean() != pytest.approx(np.abs(np.diff(outside, axis=0)).mean(),
                                                                                 rel=0.1)
-    assert methods == {"real", "splice", "copy_move"}
+    assert methods <= {"real", "real_grainy", "splice", "copy_move"} and {"splice", "copy_move"} <= methods
+
+
+def _grain(path: str) -> float:
+    """Mean absolute difference of vertically adjacent pixels: what sensor noise adds."""
+    return float(np.abs(np.diff(np.asarray(Image.open(path), dtype=np.float32), axis=0)).mean())
+
+
+def test_decoys_are_real_images_grainy_all_over(tmp_path):
+    """With every real image a decoy, no real image is clean and each is twice as grainy as any clean one; the tampered
+    images are those without decoys (so grain alone does not say tampered)."""
+    spec = {**SMALL.to_dict(), "train": 8}
+    records = {}
+    for fraction in (0.0, 1.0):
+        root = tmp_path / str(fraction)
+        generate_synthetic(root, SyntheticSpec(**{**spec, "decoy_fraction": fraction}))
+        records[fraction] = [{**r, "image_path": root / r["image_path"]}
+                             for r in json.loads((root / "train.json").read_text())]
+    clean = [r for r in records[0.0] if r["label"] == 0]
+    decoys = [r for r in records[1.0] if r["label"] == 0]
+    assert {r["method"] for r in clean} == {"real"} and {r["method"] for r in decoys} == {"real_grainy"}
+    assert all(r["mask_path"] == "32x32" for r in decoys)
+    assert min(_grain(r["image_path"]) for r in decoys) > 2 * max(_grain(r["image_path"]) for r in clean)
+    tampered = [[Path(r["image_path"]).read_bytes() for r in records[f] if r["label"] == 1] for f in (0.0, 1.0)]
+    assert tampered[0] == tampered[1]
 
 
 def _write_split_files(root: Path, records_by_split: dict[str, list]) -> dict[str, Path]:

@@ -364,8 +364,6 @@ def test_the_task_is_not_trivial(default_run):
     assert means.between(references.loc["base", "roc_auc_low"], references.loc["teacher", "roc_auc_high"]).all()
 
 
-@pytest.mark.xfail(reason="issue 13 open: on the tied base every arm ends at test ROC-AUC 0.866-0.892 (spread 0.026 on "
-                          "the AMD EPYC), so the default's axes are all within noise", strict=False)
 def test_the_arms_spread_out(default_run):
     """The study discriminates: the arms' mean test ROC-AUC spreads over more than 0.05."""
     table, _ = tables(default_run)
