@@ -55,7 +55,7 @@ def test_masks_agree_with_labels(synthetic):
     assert methods <= {"real", "real_grainy", "splice", "copy_move"} and {"splice", "copy_move"} <= methods
 
 
-def _grain(path: str) -> float:
+def _grain(path: Path) -> float:
     """Mean absolute difference of vertically adjacent pixels: what sensor noise adds."""
     return float(np.abs(np.diff(np.asarray(Image.open(path), dtype=np.float32), axis=0)).mean())
 
