@@ -79,6 +79,25 @@ def test_decoys_are_real_images_grainy_all_over(tmp_path):
     assert tampered[0] == tampered[1]
 
 
+@pytest.mark.xfail(strict=True, reason="a known shortcut of the default data: tampered images sit between the clean "
+                   "and the decoy real images in grain level, so grain level alone separates the default test split "
+                   "(ROC-AUC 1.0 on AMD EPYC): the task is not only the regional inconsistency the README describes")
+def test_the_grain_level_alone_does_not_separate_the_default_classes(tmp_path):
+    """A classifier that sees nothing of an image but its grain level (`_grain`), fit on the default's training
+    split, scores its test split near chance: a detector has to find where the grain changes, not how much there is."""
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    generate_synthetic(tmp_path, SyntheticSpec())
+    grain, labels = {}, {}
+    for split in ("train", "test"):
+        records = json.loads((tmp_path / f"{split}.json").read_text())
+        grain[split] = [[_grain(tmp_path / r["image_path"])] for r in records]
+        labels[split] = [r["label"] for r in records]
+    classifier = GradientBoostingClassifier(max_depth=2, random_state=0).fit(grain["train"], labels["train"])
+    assert roc_auc_score(labels["test"], classifier.predict_proba(grain["test"])[:, 1]) < 0.75
+
+
 def _write_split_files(root: Path, records_by_split: dict[str, list]) -> dict[str, Path]:
     files = {}
     for split in SPLITS:
