@@ -45,16 +45,17 @@ class SyntheticSpec(Section):
     val: int = 64
     test: int = 96
     splice_fraction: float = 0.5
-    decoy_fraction: float = 0.5  # share of the real images taken with a noisy camera: grainy all over, untampered
-    decoy_noise: float = 24.0    # their sensor-noise std (of 255); the other real images have 3
+    camera_noise: tuple[float, ...] = (3.0, 24.0)  # every image's sensor-noise std (of 255), uniform in this range
+    region_noise_gap: float = 20.0  # a tampered region's noise std differs from its image's by this much
 
     def check(self, key: str) -> None:
         require(self.image_size >= 32, key, "image_size", "must be at least 32")
         for split in SPLITS:
             require(getattr(self, split) >= 2, key, split, "must be at least 2 (one real, one tampered)")
-        for name in ("splice_fraction", "decoy_fraction"):
-            require(0.0 <= getattr(self, name) <= 1.0, key, name, "must be in [0, 1]")
-        require(self.decoy_noise >= 0, key, "decoy_noise", "must not be negative")
+        require(0.0 <= self.splice_fraction <= 1.0, key, "splice_fraction", "must be in [0, 1]")
+        require(len(self.camera_noise) == 2 and 0 <= self.camera_noise[0] <= self.camera_noise[1], key,
+                "camera_noise", "must be two noise levels, low then high, neither negative")
+        require(self.region_noise_gap > 0, key, "region_noise_gap", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +85,11 @@ class DatasetConfig(Section):
 def generate_synthetic(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Path]:
     """Write deterministic train/val/test splits of real and tampered images with their masks.
 
-    Real images are smooth scenes with a few objects and mild sensor noise; a `decoy_fraction` of them come from a
-    noisy camera, grainy all over. Tampered ones carry a region that is either spliced from another scene taken with
-    a different "camera" (blurred, much noisier) or copy-moved within the image and resampled: the noise and
-    resampling inconsistency is the cue a detector can learn. Grain as a score is not (the decoys have more of it),
-    but grain level is: tampered images sit between the clean and the decoy real images, so a classifier of the
-    grain level alone separates the default's test split (`test_data`'s xfail).
+    Every image is a smooth scene with a few objects, taken with a camera whose sensor noise is drawn from
+    `camera_noise`, real and tampered alike, so how grainy an image is says little about its label (`test_data`).
+    Tampered ones carry a region that is either spliced from another scene (blurred, then noised) or copy-moved
+    within the image and resampled, its sensor noise `region_noise_gap` away from the rest of the image's: that
+    inconsistency is the cue a detector has to learn.
     """
     with atomic_path(out_dir) as tmp:
         (tmp / "images").mkdir(parents=True)
@@ -116,22 +116,23 @@ def generate_synthetic(out_dir: str | Path, spec: SyntheticSpec) -> dict[str, Pa
 
 def _synthetic_sample(rng: np.random.Generator, spec: SyntheticSpec, tampered: bool):
     size = spec.image_size
-    if not tampered and rng.random() < spec.decoy_fraction:
-        return Image.fromarray(scene(rng, size, noise=spec.decoy_noise)), None, "real_grainy"
-    image = scene(rng, size, noise=3.0)
+    noise = float(rng.uniform(*spec.camera_noise))
+    picture = scene(rng, size, 0.0).astype(np.float32)
+    image = np.clip(picture + rng.normal(0, noise, picture.shape), 0, 255).astype(np.uint8)
     if not tampered:
         return Image.fromarray(image), None, "real"
+    cleaner = noise >= spec.region_noise_gap and rng.random() < 0.5  # cleaner than the image where noise allows
+    region_noise = noise - spec.region_noise_gap if cleaner else noise + spec.region_noise_gap
     mask = region_mask(rng, size)
     if rng.random() < spec.splice_fraction:
         donor = Image.fromarray(scene(rng, size, noise=0.0)).filter(ImageFilter.GaussianBlur(1.5))
-        patch = np.asarray(donor, dtype=np.float32) + rng.normal(0, 24.0, (size, size, 3))
         method = "splice"
-    else:
+    else:  # the scene's own content (before its sensor noise), moved and resampled
         shift = rng.integers(size // 6, size // 3, 2) * rng.choice([-1, 1], 2)
-        moved = np.roll(image, tuple(shift), axis=(0, 1))
-        scaled = Image.fromarray(moved).resize((size * 5 // 4,) * 2, Image.BICUBIC).crop((0, 0, size, size))
-        patch = np.asarray(scaled, dtype=np.float32) + rng.normal(0, 18.0, (size, size, 3))
+        moved = np.roll(picture.astype(np.uint8), tuple(shift), axis=(0, 1))
+        donor = Image.fromarray(moved).resize((size * 5 // 4,) * 2, Image.BICUBIC).crop((0, 0, size, size))
         method = "copy_move"
+    patch = np.asarray(donor, dtype=np.float32) + rng.normal(0, region_noise, (size, size, 3))
     inside = np.asarray(mask, dtype=bool)[..., None]
     tampered_image = np.where(inside, np.clip(patch, 0, 255), image).astype(np.uint8)
     return Image.fromarray(tampered_image), mask, method

@@ -4,8 +4,13 @@ A real base has seen images and talked about them; a random one has not, and its
 answer format (the answer-word prior) on a few hundred images. So the tiny model is given a short pre-training on
 generic low-level vision and on saying words, never on tampering:
 
-1. **vision**: the vision tower and merger learn to encode each merged token's mean colour and local grain (the
-   energy of the image minus its 3x3 blur), through a linear read-out that is then thrown away;
+1. **vision**: the vision tower and merger learn to encode each merged token's mean colour, its local grain (the
+   energy of the image minus its 3x3 blur) and that grain's contrast with the image's median token (how much grainier
+   or cleaner than the rest of the image it is), through a linear read-out that is then thrown away. A vision
+   encoder's features see local structure against its context; without the contrast, on data where the grain level
+   says little (README, "The data"), the teacher reached test ROC-AUC 0.78 and the lm baseline 0.62-0.67, and with
+   a language step about the grainiest and cleanest parts instead the teacher 0.84, the lm arms at the label-blind
+   loss;
 2. **language**: the whole model learns to answer "Is this image grainy or clean?" about scenes whose *global*
    sensor noise is low or high, so its language model has learned to read its vision tokens; every `WORD_EVERY`-th
    step instead asks it to say one of `ANSWER_WORDS` (the default answer words), named in the question, about a
@@ -19,8 +24,10 @@ generic low-level vision and on saying words, never on tampering:
    CPU's kernels decided, test ROC-AUC 0.41 on one machine and 0.14 on another). The study's fine-tunes start from
    that tie and break it.
 
-The tamper question and local noise inconsistencies (what tampering leaves) are never seen, and the answer words
-never answer a question about an image: the study's fine-tunes have to learn which word an image gets.
+The tamper question is never seen: grain contrast is a property of every token of every image, read out per token,
+never asked about, and the language step's question reads the grain level, which the study's data makes useless for
+the tamper answer. The answer words never answer a question about an image: the study's fine-tunes have to learn
+which word an image gets, and from which tokens.
 """
 
 from __future__ import annotations
@@ -142,11 +149,12 @@ def _scenes(rng: np.random.Generator, size: int, count: int, label: int | None =
 
 def _pretrain_vision(model: torch.nn.Module, processor, image_size: int, steps: int, lr: float,
                      rng: np.random.Generator) -> float:
-    """Train the vision tower + merger to linearly encode every merged token's colour and grain, at a constant lr
-    (with warm-up and decay the features it leaves were too weak for the language step to pick up)."""
+    """Train the vision tower + merger to linearly encode every merged token's colour, grain and grain contrast
+    (`_token_statistics`), at a constant lr (with warm-up and decay the features it leaves were too weak for the
+    language step to pick up)."""
     visual = model.model.visual
     merge = processor.image_processor.patch_size * processor.image_processor.merge_size
-    readout = torch.nn.Linear(model.config.text_config.hidden_size, 4)
+    readout = torch.nn.Linear(model.config.text_config.hidden_size, 5)  # RGB, log grain, grain contrast
     optimizer = torch.optim.AdamW([*visual.parameters(), *readout.parameters()], lr=lr)
     pixels = image_size * image_size
     loss = torch.zeros(())
@@ -190,10 +198,12 @@ def _grainy_patches(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _token_statistics(image: np.ndarray, cell: int) -> torch.Tensor:
-    """Per `cell` x `cell` block (one merged vision token, row-major): mean RGB and log grain, scaled to ~unit range."""
+    """Per `cell` x `cell` block (one merged vision token, row-major): mean RGB and log grain, scaled to ~unit range,
+    and the grain's contrast (its log grain minus the image's median token's)."""
     pixels = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None] / 255
     blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     grain = (pixels - blurred).square().mean(dim=1, keepdim=True)
     colour = F.avg_pool2d(pixels, cell)[0] * 4 - 2
     log_grain = (torch.log(F.avg_pool2d(grain, cell)[0] + 1e-5) + 7) / 2
-    return torch.cat([colour, log_grain]).flatten(1).T
+    contrast = log_grain - log_grain.flatten().median()
+    return torch.cat([colour, log_grain, contrast]).flatten(1).T

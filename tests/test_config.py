@@ -35,7 +35,9 @@ SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "features": FeatureC
         (ModelConfig, {"source": "tiny", "modality": "text"}, "model.source: there is no tiny text model"),
         (DatasetConfig, {"splits": {"train": "a.json"}}, "dataset.splits: must name exactly train, val, test"),
         (DatasetConfig, {"synthetic": {"train": 1}}, "dataset.synthetic.train: must be at least 2"),
-        (DatasetConfig, {"synthetic": {"decoy_fraction": 1.5}}, "dataset.synthetic.decoy_fraction: must be in"),
+        (DatasetConfig, {"synthetic": {"splice_fraction": 1.5}}, "dataset.synthetic.splice_fraction: must be in"),
+        (DatasetConfig, {"synthetic": {"camera_noise": [24, 3]}},
+         "dataset.synthetic.camera_noise: must be two noise levels"),
     ],
 )
 def test_bad_values_name_their_key(cls, data, message):
