@@ -393,9 +393,8 @@ def test_the_report_leads_with_findings_and_does_not_call_the_teacher_unlearned(
     print(f"pre-trained head alone: test roc_auc {head:.3f}; frozen-head arms flagged: {sorted(flagged)}")
 
 
-@pytest.mark.xfail(reason="issue 13 open: on the default the frozen-head baselines score what the pre-trained head "
-                          "alone does (test ROC-AUC 0.916 and 0.921 against 0.914, on the AMD EPYC)", strict=False)
 def test_the_frozen_head_baselines_add_to_their_head(default_run):
+    """Neither frozen-head baseline is flagged: their adapters add to the pre-trained head they keep beyond noise."""
     page = (default_run / REPORT).read_text()
     warnings = page[page.index('<section id="warnings">'):page.index('<section id="dataset">')]
     assert not [name for name in ("head_frozen", "hybrid_frozen") if f"<li>{name}/full/random/later_half:" in warnings]
