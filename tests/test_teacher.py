@@ -31,6 +31,19 @@ def inputs(tiny_model_dir, tmp_path_factory):
     return vision_inputs(tmp_path_factory.mktemp("teacher_inputs"), tiny_model_dir, IMAGE_SIZE, 10, 4, 2)
 
 
+@pytest.fixture(scope="module")
+def learning_inputs(tiny_model_dir, tmp_path_factory):
+    """(model_info_json, manifest_json) for the tiny model and 64 + 16 + 2 synthetic images: enough to generalise."""
+    return vision_inputs(tmp_path_factory.mktemp("learning_inputs"), tiny_model_dir, IMAGE_SIZE, 64, 16, 2)
+
+
+def label_blind_loss(tokenizer, cfg: TrainConfig) -> float:
+    """The lowest answer loss of a model blind to the input: its first answer token split 50/50, ln 2 over the
+    answer's tokens."""
+    answer_ids = ChatBatcher(tokenizer, cfg.question, cfg.positive_word, cfg.negative_word).answer_ids.values()
+    return math.log(2) / max(len(ids) for ids in answer_ids)
+
+
 def config(**overrides) -> TrainConfig:
     settings = {"max_steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "eval_every": 3,
                 "checkpoint_every": 2} | overrides
@@ -71,26 +84,25 @@ def test_text_only_causal_lm_learns_from_text_records(tiny_model_dir, tmp_path):
     history = pd.read_csv(tmp_path / "out" / "history.csv")
     assert summary["image_size"] is None
     assert history["loss"].tail(5).mean() < 0.1 * history["loss"].head(5).mean()
-    # A model blind to the text can at best split its first answer token 50/50: a loss of ln 2 over the answer.
-    answer_lengths = {len(ids) for ids in ChatBatcher(tokenizer, cfg.question, cfg.positive_word,
-                                                      cfg.negative_word).answer_ids.values()}
-    assert history["val_loss"].dropna().iloc[-1] < math.log(2) / max(answer_lengths)
+    assert history["val_loss"].dropna().iloc[-1] < label_blind_loss(tokenizer, cfg)
     tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert isinstance(tuned, transformers.Qwen2ForCausalLM)
 
 
-def test_teacher_learns_and_writes_a_loadable_model(tiny_model_dir, inputs, tmp_path):
-    summary = run_teacher(inputs, tmp_path, config(max_steps=30, batch_size=4, warmup_steps=2, eval_every=10,
-                                                   checkpoint_every=10))
+def test_teacher_learns_and_writes_a_loadable_model(tiny_model_dir, learning_inputs, tmp_path):
+    # the pre-trained base starts at the label-blind loss (it says the answer words but cannot tell them apart); on 64
+    # training images at 3e-4 its held-out loss falls below that bound from about step 60 (0.309-0.317 by step 150
+    # against 0.347, measured), and 30 steps on 10 images only memorised them
+    cfg = config(max_steps=150, batch_size=8, lr=3e-4, warmup_steps=2, eval_every=50, checkpoint_every=50)
+    summary = run_teacher(learning_inputs, tmp_path, cfg)
     history = pd.read_csv(tmp_path / "out" / "history.csv")
     assert tuple(history.columns) == HISTORY_COLUMNS
-    assert history["step"].tolist() == list(range(1, 31))
+    assert history["step"].tolist() == list(range(1, 151))
     assert history["loss"].tail(5).mean() < 0.8 * history["loss"].head(5).mean()
-    assert history["val_loss"].notna().tolist() == [step % 10 == 0 for step in range(1, 31)]
-    val_loss = history["val_loss"].dropna()
-    assert val_loss.iloc[-1] < val_loss.iloc[0]
+    assert history["val_loss"].notna().tolist() == [step % 50 == 0 for step in range(1, 151)]
+    assert history["val_loss"].dropna().iloc[-1] < label_blind_loss(load_processor(tiny_model_dir).tokenizer, cfg)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert summary["steps"] == 30 and summary["resumed_from_step"] == 0 and summary["device"] == "cpu"
+    assert summary["steps"] == 150 and summary["resumed_from_step"] == 0 and summary["device"] == "cpu"
     assert read_json(tmp_path / "out" / "train_summary.json") == summary
 
     tuned = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
