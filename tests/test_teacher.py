@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 
@@ -19,6 +18,7 @@ from lowrank_core.errors import ConfigError, LowrankError
 from lowrank_core.io import read_json, write_json
 from lowrank_core.lm_data import ChatBatcher, lm_loss
 from lowrank_core.lora import ArmConfig
+from lowrank_core.modalities.vision_language import label_blind_loss
 from lowrank_core.modeling import TinyModelSpec, _train_tokenizer, load_model, load_processor
 from lowrank_core.training import HISTORY_COLUMNS, Batches, TrainConfig, train_loop
 
@@ -37,11 +37,11 @@ def learning_inputs(tiny_model_dir, tmp_path_factory):
     return vision_inputs(tmp_path_factory.mktemp("learning_inputs"), tiny_model_dir, IMAGE_SIZE, 64, 16, 2)
 
 
-def label_blind_loss(tokenizer, cfg: TrainConfig) -> float:
-    """The lowest answer loss of a model blind to the input: its first answer token split 50/50, ln 2 over the
-    answer's tokens."""
-    answer_ids = ChatBatcher(tokenizer, cfg.question, cfg.positive_word, cfg.negative_word).answer_ids.values()
-    return math.log(2) / max(len(ids) for ids in answer_ids)
+def val_label_blind_loss(tokenizer, cfg: TrainConfig, manifest_json) -> float:
+    """The label-blind loss bound on the validation split of `manifest_json` with `cfg`'s answer words."""
+    answer_ids = ChatBatcher(tokenizer, cfg.question, cfg.positive_word, cfg.negative_word).answer_ids
+    records = read_json(manifest_json)["splits"]["val"]["records"]
+    return label_blind_loss(answer_ids, [record["label"] for record in records])
 
 
 def config(**overrides) -> TrainConfig:
@@ -84,7 +84,7 @@ def test_text_only_causal_lm_learns_from_text_records(tiny_model_dir, tmp_path):
     history = pd.read_csv(tmp_path / "out" / "history.csv")
     assert summary["image_size"] is None
     assert history["loss"].tail(5).mean() < 0.1 * history["loss"].head(5).mean()
-    assert history["val_loss"].dropna().iloc[-1] < label_blind_loss(tokenizer, cfg)
+    assert history["val_loss"].dropna().iloc[-1] < val_label_blind_loss(tokenizer, cfg, tmp_path / "manifest.json")
     tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert isinstance(tuned, transformers.Qwen2ForCausalLM)
 
@@ -100,7 +100,8 @@ def test_teacher_learns_and_writes_a_loadable_model(tiny_model_dir, learning_inp
     assert history["step"].tolist() == list(range(1, 151))
     assert history["loss"].tail(5).mean() < 0.8 * history["loss"].head(5).mean()
     assert history["val_loss"].notna().tolist() == [step % 50 == 0 for step in range(1, 151)]
-    assert history["val_loss"].dropna().iloc[-1] < label_blind_loss(load_processor(tiny_model_dir).tokenizer, cfg)
+    tokenizer = load_processor(tiny_model_dir).tokenizer
+    assert history["val_loss"].dropna().iloc[-1] < val_label_blind_loss(tokenizer, cfg, learning_inputs[1])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert summary["steps"] == 150 and summary["resumed_from_step"] == 0 and summary["device"] == "cpu"
     assert read_json(tmp_path / "out" / "train_summary.json") == summary
